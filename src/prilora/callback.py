@@ -1,0 +1,53 @@
+"""Transformers Trainer glue: a thin callback over the pruner's plain-loop methods."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .pruning import STATE_FILE, PriLoraPruner
+
+
+class PriLoraCallback(TrainerCallback):
+    """Drives a :class:`PriLoraPruner` from ``transformers.Trainer``.
+
+    - learns the number of optimizer steps from ``state.max_steps``;
+    - calls ``pruner.step()`` right after each optimizer step;
+    - saves the pruner state into every checkpoint folder and restores it on
+      ``trainer.train(resume_from_checkpoint=...)`` (looked up as
+      ``output_dir/checkpoint-<step>``; pass ``resume_from`` for a checkpoint elsewhere);
+    - at the end of training makes sure the final mask is in place.
+    """
+
+    def __init__(self, pruner: PriLoraPruner, resume_from: str | None = None):
+        self.pruner = pruner
+        self.resume_from = resume_from
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pruner.set_total_steps(state.max_steps)
+        if state.global_step > 0 and self.pruner.global_step != state.global_step:
+            folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+                raise FileNotFoundError(
+                    f"resuming at optimizer step {state.global_step} but {folder} holds no {STATE_FILE}: "
+                    "pass PriLoraCallback(pruner, resume_from=<checkpoint folder>)"
+                )
+            self.pruner.load(folder)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.step()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                self.pruner.save(folder)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.pruner.finalize()
+        return control

@@ -1,0 +1,243 @@
+"""Ongoing importance pruning of the LoRA A matrices, driven after each optimizer step.
+
+At every pruning event each row of A (each rank component) loses the ``int(ratio * d_in)``
+weights of lowest importance ``|A[k, j]| * n_j``, where ``n_j`` is the EMA of the L2 norm of
+input feature ``j``. Pruned weights are zeroed, not frozen: they may regrow until the next
+event re-prunes them. After the last event (``prune_end``) its mask is held, re-applied
+after every optimizer step, so the adapter that is saved has exactly the configured sparsity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .config import PriLoraConfig
+from .statistics import InputNormEMA
+
+STATE_FILE = "prilora_pruner.safetensors"
+
+
+@dataclass
+class PruneSite:
+    """One adapted module: its LoRA matrices and the one that is pruned."""
+
+    name: str  # module path in the base model
+    layer: int
+    lora_A: nn.Parameter  # (r, d_in)
+    lora_B: nn.Parameter  # (d_out, r)
+    matrix: str  # "A" or "B"
+    stats_module: nn.Module  # whose input feeds the pruned matrix
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.lora_A if self.matrix == "A" else self.lora_B
+
+
+def importance_scores(
+    weight: torch.Tensor,
+    criterion: str,
+    norms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Score of each weight; the lowest are pruned. ``norms`` has one entry per input feature (column)."""
+    if criterion == "importance":
+        return weight.detach().abs().float() * norms.unsqueeze(0)
+    if criterion == "magnitude":
+        return weight.detach().abs().float()
+    if criterion == "random":
+        return torch.rand(weight.shape, generator=generator, device=weight.device)
+    raise ValueError(f"no scores for prune criterion {criterion!r}")
+
+
+def keep_mask(scores: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+    """Boolean mask that drops exactly ``int(ratio * n)`` lowest scores per row (or per matrix)."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if scope == "row":
+        k = int(ratio * scores.shape[1])
+        if k:
+            mask.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+    else:
+        k = int(ratio * scores.numel())
+        if k:
+            mask.view(-1)[scores.flatten().topk(k, largest=False).indices] = False
+    return mask
+
+
+class PriLoraPruner:
+    """Keeps the input statistics and prunes at the configured optimizer steps.
+
+    Call :meth:`step` right after every ``optimizer.step()`` (``PriLoraCallback`` does it for
+    the Trainer). It counts optimizer steps, not forward passes.
+    """
+
+    def __init__(self, sites: list[PruneSite], config: PriLoraConfig, total_steps: int | None = None):
+        if not sites:
+            raise ValueError("PriLoraPruner needs at least one adapted module")
+        self.sites = sites
+        self.config = config
+        self.total_steps = total_steps if total_steps is not None else config.total_steps
+        self.global_step = 0
+        self.events = 0
+        self._masks: dict[str, torch.Tensor] = {}  # held after the last event
+        self._window: tuple | None = None  # (total_steps, (start, end)) cache
+        device = sites[0].weight.device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(config.seed)
+        self.stats = InputNormEMA(config.ema_beta, self._collecting)
+        if config.needs_input_norms:
+            for site in sites:
+                self.stats.track(site.name, site.stats_module, site.weight.shape[1], site.weight.device)
+
+    # --- schedule -------------------------------------------------------------------------
+    def set_total_steps(self, total_steps: int) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if self.total_steps is not None and self.total_steps != total_steps:
+            warnings.warn(
+                f"PRILoRA total_steps changes from {self.total_steps} to {total_steps} "
+                "(the trainer's number of optimizer steps wins)",
+                RuntimeWarning,
+            )
+        self.total_steps = total_steps
+
+    def window(self) -> tuple[int, int]:
+        """First and last pruning event, as 1-based optimizer steps."""
+        if self._window is None or self._window[0] != self.total_steps:
+            self._window = (self.total_steps, self.config.resolve_window(self.total_steps))
+        return self._window[1]
+
+    def is_event(self, step: int) -> bool:
+        if not self.config.prunes:
+            return False
+        start, end = self.window()
+        return start <= step <= end and step >= 1 and ((step - start) % self.config.prune_interval == 0 or step == end)
+
+    def _collecting(self) -> bool:
+        # Statistics only matter while events are still to come.
+        return not self._masks and (self.total_steps is None or self.global_step < self.window()[1])
+
+    # --- the training-loop entry point ------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Account for one optimizer step: update the EMA, prune on event steps, hold the final mask."""
+        self.global_step += 1
+        if not self.config.prunes:
+            return
+        if self.stats.accs and not self._masks:
+            self.stats.update()
+        if self._masks:
+            self._apply_masks()
+        elif self.is_event(self.global_step):
+            self.prune(hold=self.global_step == self.window()[1])
+
+    @torch.no_grad()
+    def prune(self, hold: bool = False) -> None:
+        """One pruning event on every adapted matrix; ``hold`` keeps its mask from now on."""
+        cfg = self.config
+        if cfg.needs_input_norms:
+            self.stats.warn_if_skipped()
+        for site in self.sites:
+            norms = self.stats.norms(site.name) if cfg.needs_input_norms else None
+            scores = importance_scores(site.weight, cfg.prune_criterion, norms, self._generator)
+            mask = keep_mask(scores, cfg.prune_ratio, cfg.prune_scope)
+            site.weight.masked_fill_(~mask, 0.0)
+            if hold:
+                self._masks[site.name] = mask
+        self.events += 1
+
+    def _apply_masks(self) -> None:
+        for site in self.sites:
+            site.weight.masked_fill_(~self._masks[site.name], 0.0)
+
+    def finalize(self) -> None:
+        """At the end of training: if the last event never came (training was shorter than
+        prune_end), prune once more and hold, so the saved adapter has the configured sparsity."""
+        if self.config.prunes and not self._masks:
+            warnings.warn(
+                f"training ended at optimizer step {self.global_step}, before the last pruning event; "
+                "pruning once more now so the adapter has the configured sparsity "
+                "(set total_steps/prune_end to the real length of training to avoid this)",
+                RuntimeWarning,
+            )
+            with torch.no_grad():
+                self.prune(hold=True)
+
+    # --- reporting ----------------------------------------------------------------------------
+    def sparsity(self) -> dict:
+        """Fraction of exact zeros in A and B: overall, per layer and per module."""
+        totals = {"A": [0, 0], "B": [0, 0]}
+        per_layer: dict[int, dict[str, list[int]]] = {}
+        per_module: dict[str, dict[str, float]] = {}
+        for site in self.sites:
+            layer = per_layer.setdefault(site.layer, {"A": [0, 0], "B": [0, 0]})
+            per_module[site.name] = {}
+            for key, w in (("A", site.lora_A), ("B", site.lora_B)):
+                zeros, numel = int((w == 0).sum()), w.numel()
+                per_module[site.name][key] = zeros / numel
+                for bucket in (totals[key], layer[key]):
+                    bucket[0] += zeros
+                    bucket[1] += numel
+        frac = lambda b: b[0] / b[1]  # noqa: E731
+        return {
+            "A": frac(totals["A"]),
+            "B": frac(totals["B"]),
+            "adapter": (totals["A"][0] + totals["B"][0]) / (totals["A"][1] + totals["B"][1]),
+            "per_layer": {i: {k: frac(v) for k, v in d.items()} for i, d in sorted(per_layer.items())},
+            "per_module": per_module,
+        }
+
+    def remove(self) -> None:
+        """Detach the statistics hooks (the model behaves as plain PEFT LoRA afterwards)."""
+        self.stats.remove()
+
+    # --- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        tensors = dict(self.stats.state_dict())
+        tensors.update({f"mask.{n}": m for n, m in self._masks.items()})
+        tensors["generator"] = self._generator.get_state()
+        meta = {"global_step": self.global_step, "events": self.events, "ema_updates": self.stats.updates,
+                "total_steps": self.total_steps}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors, meta = state["tensors"], state["meta"]
+        if self.stats.accs:
+            self.stats.load_state_dict(tensors, int(meta["ema_updates"]))
+        names = {s.name for s in self.sites}
+        masks = {k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")}
+        if masks and set(masks) != names:
+            raise ValueError("PRILoRA state holds masks for other modules: it was saved from a different model")
+        self._masks = {s.name: masks[s.name].to(s.weight.device) for s in self.sites} if masks else {}
+        if "generator" in tensors:
+            self._generator.set_state(tensors["generator"].cpu())
+        self.global_step = int(meta["global_step"])
+        self.events = int(meta["events"])
+        if meta.get("total_steps") is not None and self.total_steps is None:
+            self.total_steps = int(meta["total_steps"])
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write the state into ``directory`` (a checkpoint folder); returns the file path."""
+        state = self.state_dict()
+        path = os.path.join(directory, STATE_FILE)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state["tensors"].items()}
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata={"prilora": json.dumps(state["meta"])})
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str | os.PathLike) -> None:
+        path = os.path.join(directory, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no PRILoRA pruner state at {path}: was the checkpoint written with PriLoraCallback?")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["prilora"])
+        self.load_state_dict({"tensors": load_file(path), "meta": meta})

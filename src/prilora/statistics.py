@@ -1,0 +1,117 @@
+"""Per-feature input norms of the adapted matrices, kept as an EMA over optimizer steps.
+
+The importance of ``A[k, j]`` weighs its magnitude by how much signal input feature ``j``
+carries (as in Wanda). The hook adds one fused fp32 reduction per adapted input and no
+host sync; when several adapted modules read the same tensor (query, key and value read
+the same hidden states) the reduction is done once and shared.
+
+Squared norms are summed over all micro-batches of an optimizer step and turned into a
+norm only at the step, so gradient accumulation (and, later, a cross-process sum) sees
+the same statistic as one large batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+
+class InputNormEMA:
+    """EMA of the L2 norm (over all tokens of a step) of each input feature of some modules."""
+
+    def __init__(self, beta: float, should_collect: Callable[[], bool]):
+        self.beta = beta
+        self._should_collect = should_collect
+        self.emas: dict[str, torch.Tensor] = {}
+        self.accs: dict[str, torch.Tensor] = {}
+        self.updates = 0  # optimizer steps folded into the EMA (for bias correction)
+        self._handles: list[RemovableHandle] = []
+        self._last_input: torch.Tensor | None = None
+        self._last_version = -1
+        self._last_sq: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None  # steps dropped as non-finite, counted on device
+
+    def track(self, name: str, module: nn.Module, num_features: int, device: torch.device) -> None:
+        """Collect the norms of the features of ``module``'s first positional input."""
+        self.emas[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
+        self.accs[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        acc = self.accs[name]
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if not mod.training or not self._should_collect():
+                return
+            x = args[0]
+            with torch.no_grad():
+                acc.add_(self._squared_norms(x))
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def _squared_norms(self, x: torch.Tensor) -> torch.Tensor:
+        # Identity plus version: a tensor modified in place since is not the same input.
+        if self._last_input is x and self._last_version == x._version:
+            return self._last_sq
+        dims = tuple(range(x.dim() - 1))
+        norms = torch.linalg.vector_norm(x, ord=2, dim=dims, dtype=torch.float32)
+        self._last_input, self._last_version, self._last_sq = x, x._version, norms.square_()
+        return self._last_sq
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold this step's sums into the EMA; a step with a non-finite value is skipped."""
+        self._last_input = self._last_sq = None  # release the cached activation
+        weight = 1.0 - self.beta
+        bad = torch.zeros((), dtype=torch.bool, device=self._skipped.device)
+        for name, acc in self.accs.items():
+            ema = self.emas[name]
+            finite = torch.isfinite(acc).all()
+            ema.copy_(torch.where(finite, torch.lerp(ema, acc.sqrt(), weight), ema))
+            bad |= ~finite
+            acc.zero_()
+        self._skipped.add_(bad.to(torch.int64))
+        self.updates += 1
+
+    def norms(self, name: str) -> torch.Tensor:
+        """Bias-corrected EMA (the zero start would otherwise shrink early values)."""
+        if self.updates == 0:
+            return self.emas[name].clone()
+        return self.emas[name] / (1.0 - self.beta**self.updates)
+
+    def warn_if_skipped(self) -> None:
+        """Called at pruning events, which sync anyway, so the check costs no extra sync."""
+        if self._skipped is not None and int(self._skipped) > 0:
+            warnings.warn(
+                f"PRILoRA skipped the input norms of {int(self._skipped)} optimizer step(s) with inf/NaN "
+                "activations; the EMA of those modules kept its previous values",
+                RuntimeWarning,
+            )
+            self._skipped.zero_()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last_input = self._last_sq = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"ema.{n}": t for n, t in self.emas.items()}
+        state.update({f"acc.{n}": t for n, t in self.accs.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for name in self.emas:
+            for prefix, store in (("ema", self.emas), ("acc", self.accs)):
+                key = f"{prefix}.{name}"
+                if key not in state:
+                    raise ValueError(f"PRILoRA state has no {key!r}: it was saved from a different model")
+                if state[key].shape != store[name].shape:
+                    raise ValueError(
+                        f"PRILoRA state {key!r} has shape {tuple(state[key].shape)}, expected {tuple(store[name].shape)}"
+                    )
+                store[name].copy_(state[key])
+        self.updates = updates

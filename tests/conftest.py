@@ -1,0 +1,51 @@
+"""Tiny models built from configs (no download) and shared helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+def tiny_bert(num_layers: int = 4, num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=num_layers, intermediate_size=64, num_attention_heads=4,
+        vocab_size=100, max_position_embeddings=64, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+class ParallelLayers(nn.Module):
+    """Every layer's `proj` reads the same input, so every adapted input has known statistics."""
+
+    def __init__(self, num_layers: int = 3, d_in: int = 16, d_out: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(d_in, d_out)}) for _ in range(num_layers))
+
+    def forward(self, x):
+        return sum(layer["proj"](x) for layer in self.layers)
+
+
+@pytest.fixture
+def glue_dir():
+    if not GLUE_DIR.is_dir():
+        pytest.fail(f"GLUE data not found at {GLUE_DIR} (expected ../shared/data/glue beside the repo)")
+    return GLUE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline(monkeypatch):
+    # No network here: make any accidental hub access fail fast instead of hanging.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("WANDB_DISABLED", "true")

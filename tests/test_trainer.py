@@ -1,0 +1,123 @@
+"""The Trainer callback: total steps from the Trainer, checkpoints carry the pruner state,
+and an interrupted run resumed from a checkpoint ends with the same adapter."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from prilora import PriLoraCallback, PriLoraConfig, get_prilora_model
+from prilora.pruning import STATE_FILE
+
+from conftest import tiny_bert
+
+
+class Synthetic(torch.utils.data.Dataset):
+    def __init__(self, n=48, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 100, (n, 12), generator=g)
+        self.labels = (self.ids[:, 0] > 50).long()  # learnable
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.labels[i]}
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption: the run stops right after optimizer step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def make_trainer(out, max_steps=12, callback_kwargs=None, **cfg):
+    model, pruner = get_prilora_model(
+        tiny_bert(seed=0), PriLoraConfig(task_type="SEQ_CLS", prune_interval=3, prune_end=0.75, **cfg)
+    )
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
+        save_strategy="steps", save_steps=5, logging_steps=100, report_to=[], seed=0, disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Synthetic(),
+                      callbacks=[PriLoraCallback(pruner, **(callback_kwargs or {}))])
+    return trainer, model, pruner
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_prunes_on_schedule_and_saves_state(tmp_path):
+    trainer, model, pruner = make_trainer(tmp_path)
+    trainer.train()
+    assert pruner.total_steps == 12
+    assert pruner.global_step == 12
+    assert pruner.window() == (0, 9)
+    assert pruner.events == 3  # steps 3, 6, 9; held afterwards
+    assert pruner.sparsity()["A"] == 0.5
+    for step in (5, 10):
+        assert os.path.isfile(tmp_path / f"checkpoint-{step}" / STATE_FILE)
+        assert os.path.isfile(tmp_path / f"checkpoint-{step}" / "prilora.json")
+
+
+def test_resume_gives_the_same_adapter(tmp_path):
+    full, full_model, full_pruner = make_trainer(tmp_path / "full")
+    full.train()
+    expected = lora_state(full_model)
+
+    # "Interrupted" run: same setup, stopped after the checkpoint at step 10 (after the last
+    # event, so the held mask must come back from the checkpoint too) and at step 5.
+    for stop in (5, 10):
+        out = tmp_path / f"resumed-{stop}"
+        part, _, _ = make_trainer(out)
+        part.add_callback(StopAt(stop))
+        with pytest.warns(RuntimeWarning, match="before the last pruning event") if stop < 9 else _nothing():
+            part.train()
+        resumed, model, pruner = make_trainer(out)
+        resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{stop}"))
+        assert pruner.global_step == 12
+        got = lora_state(model)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        for s_full, s_res in zip(full_pruner.sites, pruner.sites):
+            torch.testing.assert_close(pruner.stats.emas.get(s_res.name, torch.zeros(1)),
+                                       full_pruner.stats.emas.get(s_full.name, torch.zeros(1)))
+
+
+def test_resume_without_pruner_state_is_an_error(tmp_path):
+    part, _, _ = make_trainer(tmp_path)
+    part.add_callback(StopAt(5))
+    part.train()
+    os.remove(tmp_path / "checkpoint-5" / STATE_FILE)
+    resumed, _, _ = make_trainer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no prilora_pruner.safetensors: pass PriLoraCallback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+
+
+def test_state_dict_round_trip(tmp_path):
+    trainer, model, pruner = make_trainer(tmp_path, max_steps=12)
+    trainer.train()
+    pruner.save(tmp_path)
+    _, _, fresh = make_trainer(tmp_path / "other")
+    fresh.load(tmp_path)
+    assert (fresh.global_step, fresh.events, fresh.stats.updates) == (pruner.global_step, pruner.events, pruner.stats.updates)
+    for name in pruner.stats.emas:
+        torch.testing.assert_close(fresh.stats.emas[name], pruner.stats.emas[name], rtol=0, atol=0)
+    for name, mask in pruner._masks.items():
+        assert torch.equal(fresh._masks[name], mask)
