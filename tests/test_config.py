@@ -22,6 +22,8 @@ from prilora import PriLoraConfig
         (dict(prune_start=50, prune_end=10), r"prune_start \(50\) is after prune_end \(10\)"),
         (dict(prune_start=0.8, prune_end=0.5), r"prune_start \(0.8\) is after prune_end \(0.5\)"),
         (dict(prune_start=90, prune_end=0.5, total_steps=100), "prune_start resolves to step 90, after prune_end at step 50"),
+        (dict(prune_end=0, prune_start=0), "prune_end resolves to optimizer step 0: no pruning event could happen"),
+        (dict(prune_end=0.01, total_steps=10), "prune_end resolves to optimizer step 0"),
         (dict(prune_end=1.5), r"prune_end as a fraction of training must be in \[0, 1\], got 1.5"),
         (dict(prune_start=-1), "prune_start must be a step >= 0, got -1"),
         (dict(prune_interval=0), "prune_interval must be a positive integer of optimizer steps, got 0"),
@@ -50,3 +52,5 @@ def test_window_resolution():
     cfg = PriLoraConfig(prune_start=0.1, prune_end=0.9)
     assert cfg.resolve_window(1000) == (100, 900)
     assert PriLoraConfig(prune_start=5, prune_end=1.0).resolve_window(40) == (5, 40)
+    assert PriLoraConfig(prune_end=0.9).resolve_window(25) == (0, 23)  # 22.5 rounds half up
+    assert PriLoraConfig(prune_end=0, prune_criterion="none").resolve_window(10) == (0, 0)

@@ -236,3 +236,34 @@ def test_non_finite_batch_does_not_poison_the_ema():
         assert torch.equal(pruner.stats.emas[s.name], good[s.name])
     with pytest.warns(RuntimeWarning, match="skipped the input norms of 1 optimizer step"):
         pruner.prune()
+
+
+def test_statistics_follow_a_model_moved_after_wrapping():
+    # The Trainer moves the model to its device (and users cast it) after get_prilora_model.
+    model, pruner = make(prune_interval=1, prune_start=0, prune_end=1)
+    model.double()
+    x = batch(0).double()
+    train_step(model, pruner, x)
+    norms = x.reshape(-1, D_IN).pow(2).sum(0).sqrt()
+    for site in pruner.sites:
+        torch.testing.assert_close(pruner.stats.norms(site.name).double(), norms, rtol=1e-5, atol=0)
+        assert site.lora_A.dtype == torch.float64
+        assert ((site.lora_A == 0).sum(1) == D_IN // 2).all()
+
+
+def test_keyword_input_is_read():
+    model, pruner = make(prune_interval=100, prune_start=100, prune_end=100)
+    x = batch(0)
+    for layer in model.base_model.model.layers:
+        layer["proj"](x=x)
+    pruner.step()
+    norms = x.reshape(-1, D_IN).pow(2).sum(0).sqrt()
+    for site in pruner.sites:
+        torch.testing.assert_close(pruner.stats.norms(site.name), norms, rtol=1e-5, atol=0)
+
+
+def test_remove_detaches_hooks():
+    model, pruner = make()
+    pruner.remove()
+    model(batch(0))
+    assert all(float(acc.abs().sum()) == 0.0 for acc in pruner.stats.accs.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -117,7 +118,7 @@ class PriLoraConfig:
             raise ValueError(
                 f"prune_start ({self.prune_start}) is after prune_end ({self.prune_end}): pruning would never run"
             )
-        if self.total_steps is not None:
+        if self.total_steps is not None or (isinstance(self.prune_start, int) and isinstance(self.prune_end, int)):
             self.resolve_window(self.total_steps)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
@@ -136,6 +137,11 @@ class PriLoraConfig:
         """First and last pruning event as optimizer steps (1-based: step s is the s-th update)."""
         start = _resolve_step("prune_start", self.prune_start, total_steps)
         end = _resolve_step("prune_end", self.prune_end, total_steps)
+        if end < 1 and self.prunes:
+            raise ValueError(
+                f"prune_end resolves to optimizer step {end}: no pruning event could happen "
+                "(steps count from 1); use prune_criterion='none' to train without pruning"
+            )
         if start > end:
             raise ValueError(
                 f"prune_start resolves to step {start}, after prune_end at step {end} "
@@ -184,4 +190,4 @@ def _resolve_step(name: str, value: StepSpec, total_steps: int | None) -> int:
             f"{name}={value} is a fraction of training but the number of optimizer steps is unknown: "
             "pass total_steps= to PriLoraConfig (plain loop) or use PriLoraCallback with the Trainer"
         )
-    return round(value * total_steps)
+    return math.floor(value * total_steps + 0.5)  # half up, as the rank schedules

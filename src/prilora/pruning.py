@@ -87,9 +87,7 @@ class PriLoraPruner:
         self.events = 0
         self._masks: dict[str, torch.Tensor] = {}  # held after the last event
         self._window: tuple | None = None  # (total_steps, (start, end)) cache
-        device = sites[0].weight.device
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(config.seed)
+        self._generator: torch.Generator | None = None  # for the "random" criterion, made on first use
         self.stats = InputNormEMA(config.ema_beta, self._collecting)
         if config.needs_input_norms:
             for site in sites:
@@ -120,8 +118,13 @@ class PriLoraPruner:
         return start <= step <= end and step >= 1 and ((step - start) % self.config.prune_interval == 0 or step == end)
 
     def _collecting(self) -> bool:
-        # Statistics only matter while events are still to come.
-        return not self._masks and (self.total_steps is None or self.global_step < self.window()[1])
+        # Statistics only matter while events are still to come. (With a fractional window and
+        # no total_steps yet, keep collecting: the first step() will ask for total_steps.)
+        if self._masks:
+            return False
+        if self.total_steps is None and float in (type(self.config.prune_start), type(self.config.prune_end)):
+            return True
+        return self.global_step < self.window()[1]
 
     # --- the training-loop entry point ------------------------------------------------------
     @torch.no_grad()
@@ -145,12 +148,23 @@ class PriLoraPruner:
             self.stats.warn_if_skipped()
         for site in self.sites:
             norms = self.stats.norms(site.name) if cfg.needs_input_norms else None
-            scores = importance_scores(site.weight, cfg.prune_criterion, norms, self._generator)
+            if norms is not None and norms.device != site.weight.device:
+                norms = norms.to(site.weight.device)
+            scores = importance_scores(site.weight, cfg.prune_criterion, norms, self._random(site.weight.device))
             mask = keep_mask(scores, cfg.prune_ratio, cfg.prune_scope)
             site.weight.masked_fill_(~mask, 0.0)
             if hold:
                 self._masks[site.name] = mask
         self.events += 1
+
+    def _random(self, device: torch.device) -> torch.Generator | None:
+        """Generator of the "random" criterion, on the weights' device (made on first use)."""
+        if self.config.prune_criterion != "random":
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.config.seed + self.events)
+        return self._generator
 
     def _apply_masks(self) -> None:
         for site in self.sites:
@@ -201,7 +215,8 @@ class PriLoraPruner:
     def state_dict(self) -> dict:
         tensors = dict(self.stats.state_dict())
         tensors.update({f"mask.{n}": m for n, m in self._masks.items()})
-        tensors["generator"] = self._generator.get_state()
+        if self._generator is not None:
+            tensors["generator"] = self._generator.get_state()
         meta = {"global_step": self.global_step, "events": self.events, "ema_updates": self.stats.updates,
                 "total_steps": self.total_steps}
         return {"tensors": tensors, "meta": meta}
@@ -216,6 +231,7 @@ class PriLoraPruner:
             raise ValueError("PRILoRA state holds masks for other modules: it was saved from a different model")
         self._masks = {s.name: masks[s.name].to(s.weight.device) for s in self.sites} if masks else {}
         if "generator" in tensors:
+            self._generator = torch.Generator(device=self.sites[0].weight.device)
             self._generator.set_state(tensors["generator"].cpu())
         self.global_step = int(meta["global_step"])
         self.events = int(meta["events"])

@@ -36,29 +36,42 @@ class InputNormEMA:
         self._skipped: torch.Tensor | None = None  # steps dropped as non-finite, counted on device
 
     def track(self, name: str, module: nn.Module, num_features: int, device: torch.device) -> None:
-        """Collect the norms of the features of ``module``'s first positional input."""
+        """Collect the norms of the features of ``module``'s input (``x``, first positional)."""
         self.emas[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
         self.accs[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        acc = self.accs[name]
 
-        def hook(mod: nn.Module, args: tuple) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if not mod.training or not self._should_collect():
                 return
-            x = args[0]
+            x = args[0] if args else kwargs.get("x")
+            if not torch.is_tensor(x):
+                raise TypeError(f"PRILoRA cannot read the input of {name!r}: expected a tensor as first argument or x=")
+            acc = self.accs[name]
+            if acc.device != x.device:  # the model was moved (e.g. by the Trainer) after get_prilora_model
+                self.to(x.device)
+                acc = self.accs[name]
             with torch.no_grad():
                 acc.add_(self._squared_norms(x))
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def to(self, device: torch.device) -> None:
+        """Move the statistics to ``device`` (they follow the model's inputs)."""
+        for store in (self.emas, self.accs):
+            for name in store:
+                store[name] = store[name].to(device)
+        self._skipped = self._skipped.to(device)
 
     def _squared_norms(self, x: torch.Tensor) -> torch.Tensor:
         # Identity plus version: a tensor modified in place since is not the same input.
         if self._last_input is x and self._last_version == x._version:
             return self._last_sq
         dims = tuple(range(x.dim() - 1))
-        norms = torch.linalg.vector_norm(x, ord=2, dim=dims, dtype=torch.float32)
-        self._last_input, self._last_version, self._last_sq = x, x._version, norms.square_()
+        # fp16/bf16 inputs are reduced in fp32 (a sum of squares overflows fp16)
+        norms = torch.linalg.vector_norm(x, ord=2, dim=dims, dtype=torch.promote_types(x.dtype, torch.float32))
+        self._last_input, self._last_version, self._last_sq = x, x._version, norms.square_().float()
         return self._last_sq
 
     @torch.no_grad()
