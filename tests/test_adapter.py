@@ -103,12 +103,12 @@ def test_merge_matches_unmerged(tmp_path):
 
 
 def test_constant_scaling_and_constant_alpha(tmp_path):
-    model, pruner = get_prilora_model(tiny_bert(), PriLoraConfig(lora_alpha=16))
+    model, pruner = get_prilora_model(tiny_bert(), PriLoraConfig(lora_alpha=16, task_type="SEQ_CLS"))
     r_ref = sum([4, 7, 9, 12]) / 4  # 8
     for s in pruner.sites:
         module = model.base_model.model.get_submodule(s.name)
         assert abs(module.scaling["default"] - 16 / r_ref) < 1e-12
-    model, pruner = get_prilora_model(tiny_bert(), PriLoraConfig(lora_alpha=16, alpha_policy="constant_alpha"))
+    model, pruner = get_prilora_model(tiny_bert(), PriLoraConfig(lora_alpha=16, alpha_policy="constant_alpha", task_type="SEQ_CLS"))
     for s in pruner.sites:
         module = model.base_model.model.get_submodule(s.name)
         assert abs(module.scaling["default"] - 16 / s.lora_A.shape[0]) < 1e-12

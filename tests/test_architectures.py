@@ -10,6 +10,9 @@ from prilora import PriLoraConfig, get_prilora_model, rank_schedule
 
 from conftest import ParallelLayers, tiny_bert
 
+# These tests look at the adapted matrices only; the head warning has its own test.
+pytestmark = pytest.mark.filterwarnings("ignore:.*classification head stays frozen")
+
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=100)
 
 
@@ -117,3 +120,8 @@ def test_layer_11_not_caught_by_layer_1_key():
     peft_model, pruner = get_prilora_model(tiny_bert(12), PriLoraConfig(target_modules=["query"]))
     ranks = {s.layer: s.lora_A.shape[0] for s in pruner.sites}
     assert ranks[1] == 5 and ranks[11] == 12
+
+
+def test_sequence_classifier_without_task_type_warns():
+    with pytest.warns(UserWarning, match="with task_type=None: its classification head stays frozen"):
+        get_prilora_model(tiny_bert(), PriLoraConfig())

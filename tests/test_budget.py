@@ -41,5 +41,5 @@ def test_deberta_v3_base_budget_is_1327104(deberta_base_config, schedule):
 def test_other_schedules_keep_the_budget(deberta_base_config):
     torch.manual_seed(0)
     for schedule in ("inverted", "concentrated"):
-        model, _ = get_prilora_model(DebertaV2ForSequenceClassification(deberta_base_config), PriLoraConfig(rank_schedule=schedule))
+        model, _ = get_prilora_model(DebertaV2ForSequenceClassification(deberta_base_config), PriLoraConfig(rank_schedule=schedule, task_type="SEQ_CLS"))
         assert parameter_counts(model)["lora"] == 1_327_104, schedule

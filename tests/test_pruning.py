@@ -267,3 +267,31 @@ def test_remove_detaches_hooks():
     pruner.remove()
     model(batch(0))
     assert all(float(acc.abs().sum()) == 0.0 for acc in pruner.stats.accs.values())
+
+
+def test_finalize_repairs_weights_that_left_the_final_mask():
+    model, pruner = make(prune_interval=2, prune_start=0, prune_end=4)
+    for step in range(6):
+        train_step(model, pruner, batch(step), lr=1e-3)
+    pruner.finalize()  # everything in order: no warning, nothing changes
+    site = pruner.sites[0]
+    with torch.no_grad():
+        site.lora_A[site.lora_A == 0] = 0.5  # as if an earlier checkpoint had been loaded
+    assert pruner.sparsity()["A"] < 0.5
+    with pytest.warns(RuntimeWarning, match="do not follow the final mask"):
+        pruner.finalize()
+    assert pruner.sparsity()["A"] == 0.5
+
+
+def test_bf16_autocast_keeps_statistics_finite_and_sparsity_exact():
+    model, pruner = make(prune_interval=2, prune_start=0, prune_end=4)
+    for step in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(batch(step) * 1e3).float().pow(2).mean()  # large activations: fp16 sums would overflow
+        loss.backward()
+        pruner.step()
+        model.zero_grad()
+    for site in pruner.sites:
+        assert torch.isfinite(pruner.stats.norms(site.name)).all()
+        assert pruner.stats.emas[site.name].dtype == torch.float32
+    assert pruner.sparsity()["A"] == 0.5

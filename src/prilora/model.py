@@ -11,6 +11,7 @@ import json
 import os
 import re
 import types
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -87,6 +88,12 @@ def get_prilora_model(
     Call ``pruner.step()`` after every optimizer step (or pass ``PriLoraCallback(pruner)`` to
     the Trainer). ``model.save_pretrained`` writes a standard LoRA adapter plus ``prilora.json``.
     """
+    if config.task_type is None and type(model).__name__.endswith("ForSequenceClassification"):
+        warnings.warn(
+            f"{type(model).__name__} with task_type=None: its classification head stays frozen; "
+            "pass PriLoraConfig(task_type='SEQ_CLS') to train it",
+            UserWarning,
+        )
     lora_config, adapted, ranks = build_lora_config(model, config)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     sites = _verify_and_collect(peft_model, adapted, ranks, lora_config, adapter_name, config.prune_matrix)

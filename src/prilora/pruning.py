@@ -171,17 +171,29 @@ class PriLoraPruner:
             site.weight.masked_fill_(~self._masks[site.name], 0.0)
 
     def finalize(self) -> None:
-        """At the end of training: if the last event never came (training was shorter than
-        prune_end), prune once more and hold, so the saved adapter has the configured sparsity."""
-        if self.config.prunes and not self._masks:
-            warnings.warn(
-                f"training ended at optimizer step {self.global_step}, before the last pruning event; "
-                "pruning once more now so the adapter has the configured sparsity "
-                "(set total_steps/prune_end to the real length of training to avoid this)",
-                RuntimeWarning,
+        """At the end of training, make sure the adapter has the configured sparsity.
+
+        Prunes once more (and holds) when the last event never came (training stopped before
+        prune_end) or when the weights no longer follow the held mask (e.g. the Trainer loaded
+        an earlier best checkpoint at the end).
+        """
+        if not self.config.prunes:
+            return
+        if not self._masks:
+            reason = (
+                f"training ended at optimizer step {self.global_step}, before the last pruning event "
+                "(set total_steps/prune_end to the real length of training to avoid this)"
             )
-            with torch.no_grad():
-                self.prune(hold=True)
+        elif any(site.weight[~self._masks[site.name]].any() for site in self.sites):
+            reason = "the weights at the end of training do not follow the final mask (an earlier checkpoint loaded?)"
+        else:
+            return
+        warnings.warn(
+            f"{reason}; pruning once more now so the adapter has the configured sparsity",
+            RuntimeWarning,
+        )
+        with torch.no_grad():
+            self.prune(hold=True)
 
     # --- reporting ----------------------------------------------------------------------------
     def sparsity(self) -> dict:
