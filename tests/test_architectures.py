@@ -34,6 +34,15 @@ BUILDERS = {
     "llama": (lambda: _decoder(tf.LlamaConfig, tf.LlamaForCausalLM), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "mistral": (lambda: _decoder(tf.MistralConfig, tf.MistralForCausalLM), None),
     "qwen2": (lambda: _decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM), None),
+    "deberta": (lambda: tf.DebertaForSequenceClassification(tf.DebertaConfig(**SMALL, num_hidden_layers=5)), ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"]),
+    "distilbert": (
+        lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(dim=32, hidden_dim=64, n_heads=4, n_layers=5, vocab_size=100)),
+        ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    ),
+    "electra": (lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(**SMALL, num_hidden_layers=5, embedding_size=32)), None),
+    "xlm-roberta": (lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**SMALL, num_hidden_layers=5, max_position_embeddings=64)), None),
+    "qwen3": (lambda: _decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, head_dim=8), None),
+    "gemma": (lambda: _decoder(tf.GemmaConfig, tf.GemmaForCausalLM, head_dim=8), None),
     "opt": (
         lambda: tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=5, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=32)),
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -53,7 +62,7 @@ def test_layers_found_and_ranks_built(arch):
     for name, module in lora_modules.items():
         # Independent reading of the depth from the path, per architecture family.
         parts = name.split(".")
-        idx = next(int(parts[i + 1]) for i, p in enumerate(parts) if p in ("layer", "layers", "h"))
+        idx = next(int(parts[i + 1]) for i, p in enumerate(parts) if p in ("layer", "layers", "h") and parts[i + 1].isdigit())
         assert module.lora_A["default"].weight.shape[0] == expected[idx], name
         assert module.lora_B["default"].weight.shape[1] == expected[idx], name
         per_layer.setdefault(idx, set()).add(name)
