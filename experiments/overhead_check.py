@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import peft
@@ -68,6 +69,7 @@ def main():
     base_median = statistics.median(runs["lora_r8"][3])
     result = {
         "what": "training step time, MiniLM-L6 (all-MiniLM-L6-v2), AdamW, fp32",
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -295,3 +295,15 @@ def test_bf16_autocast_keeps_statistics_finite_and_sparsity_exact():
         assert torch.isfinite(pruner.stats.norms(site.name)).all()
         assert pruner.stats.emas[site.name].dtype == torch.float32
     assert pruner.sparsity()["A"] == 0.5
+
+
+def test_fp16_inputs_whose_squares_overflow_fp16():
+    model, pruner = make(prune_interval=100, prune_start=100, prune_end=100)
+    model.half()
+    x = (batch(0) * 100).half()  # entries up to ~2000: squares far above fp16's 65504
+    with torch.no_grad():
+        model(x)
+    pruner.step()
+    norms = x.double().reshape(-1, D_IN).pow(2).sum(0).sqrt()
+    for site in pruner.sites:
+        torch.testing.assert_close(pruner.stats.norms(site.name).double(), norms, rtol=1e-5, atol=0)
