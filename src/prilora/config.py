@@ -22,6 +22,12 @@ ALPHA_POLICIES = ("constant_scaling", "constant_alpha")
 
 StepSpec = Union[int, float]
 
+# LoraConfig fields that PriLoraConfig sets itself (or that would undo its per-layer ranks).
+CONTROLLED_LORA_FIELDS = (
+    "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias",
+    "modules_to_save", "task_type", "layers_to_transform", "layers_pattern", "use_rslora",
+)
+
 
 @dataclass
 class PriLoraConfig:
@@ -120,10 +126,23 @@ class PriLoraConfig:
             )
         if self.total_steps is not None or (isinstance(self.prune_start, int) and isinstance(self.prune_end, int)):
             self.resolve_window(self.total_steps)
+        self._check_lora_kwargs()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty: pass None for the architecture's defaults")
+
+    def _check_lora_kwargs(self) -> None:
+        from peft import LoraConfig
+
+        for key in self.lora_kwargs:
+            if key in CONTROLLED_LORA_FIELDS:
+                raise ValueError(
+                    f"lora_kwargs sets {key!r}, which PriLoraConfig controls: use its own fields "
+                    "(rank_schedule/r_start/r_end, lora_alpha, alpha_policy, target_modules, ...)"
+                )
+            if key not in LoraConfig.__dataclass_fields__:
+                raise ValueError(f"lora_kwargs has {key!r}, which is not a field of peft.LoraConfig")
 
     @property
     def prunes(self) -> bool:
