@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .ranks import SCHEDULES
+from .ranks import SCHEDULES, is_int
 
 PRUNE_SCOPES = ("row", "matrix")
 PRUNE_CRITERIA = ("importance", "magnitude", "random", "none")
@@ -92,11 +92,11 @@ class PriLoraConfig:
         else:
             self.rank_schedule = list(self.rank_schedule)
             for r in self.rank_schedule:
-                if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                if not is_int(r) or r < 0:
                     raise ValueError(f"rank_schedule entries must be integers >= 0, got {r!r}")
         for name in ("r_start", "r_end"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"{name} must be an integer rank, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -112,11 +112,9 @@ class PriLoraConfig:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if not _is_real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
+        if not is_int(self.prune_interval) or self.prune_interval < 1:
             raise ValueError(f"prune_interval must be a positive integer of optimizer steps, got {self.prune_interval!r}")
-        if self.total_steps is not None and (
-            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
-        ):
+        if self.total_steps is not None and (not is_int(self.total_steps) or self.total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         for name in ("prune_start", "prune_end"):
             _check_step_spec(name, getattr(self, name))

@@ -15,6 +15,11 @@ ScheduleSpec = Union[str, Sequence[int]]
 SCHEDULES = ("linear", "uniform", "inverted", "concentrated")
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (True would otherwise pass as rank 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _round_half_up(x: Fraction) -> int:
     # Python's round() rounds half to even; a schedule must not depend on that quirk.
     return int((x + Fraction(1, 2)).__floor__())
@@ -63,12 +68,12 @@ def rank_schedule(
     >>> rank_schedule("linear", num_layers=12, r_start=4, r_end=12)
     [4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11, 12]
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+    if not is_int(num_layers) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
     if not isinstance(kind, str):
         return _explicit_ranks(kind, num_layers)
     for name, value in (("r_start", r_start), ("r_end", r_end)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ValueError(f"{name} must be an integer rank, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -95,7 +100,7 @@ def _explicit_ranks(ranks: Sequence[int], num_layers: int) -> list[int]:
     if len(values) != num_layers:
         raise ValueError(f"rank schedule lists {len(values)} ranks but the model has {num_layers} layers")
     for i, r in enumerate(values):
-        if isinstance(r, bool) or not isinstance(r, int):
+        if not is_int(r):
             raise ValueError(f"rank of layer {i} must be an integer, got {r!r}")
         if r < 0:
             raise ValueError(f"rank of layer {i} must be >= 0, got {r}")
