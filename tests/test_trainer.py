@@ -122,3 +122,12 @@ def test_state_dict_round_trip(tmp_path):
         torch.testing.assert_close(fresh.stats.emas[name], pruner.stats.emas[name], rtol=0, atol=0)
     for name, mask in pruner._masks.items():
         assert torch.equal(fresh._masks[name], mask)
+
+
+def test_state_from_another_model_is_refused(tmp_path):
+    trainer, model, pruner = make_trainer(tmp_path, max_steps=12)
+    trainer.train()
+    pruner.save(tmp_path)
+    other_model, other = get_prilora_model(tiny_bert(seed=0), PriLoraConfig(task_type="SEQ_CLS", r_start=2, r_end=6))
+    with pytest.raises(ValueError, match=r"mask for .* has shape \(4, 32\), the model.s A has \(2, 32\): it was saved from a different model"):
+        other.load(tmp_path)

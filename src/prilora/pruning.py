@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import PriLoraConfig
@@ -241,6 +242,12 @@ class PriLoraPruner:
         masks = {k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")}
         if masks and set(masks) != names:
             raise ValueError("PRILoRA state holds masks for other modules: it was saved from a different model")
+        for s in self.sites if masks else ():
+            if masks[s.name].shape != s.weight.shape:
+                raise ValueError(
+                    f"PRILoRA state mask for {s.name!r} has shape {tuple(masks[s.name].shape)}, "
+                    f"the model's {s.matrix} has {tuple(s.weight.shape)}: it was saved from a different model"
+                )
         self._masks = {s.name: masks[s.name].to(s.weight.device) for s in self.sites} if masks else {}
         if "generator" in tensors:
             self._generator = torch.Generator(device=self.sites[0].weight.device)
@@ -264,8 +271,6 @@ class PriLoraPruner:
         path = os.path.join(directory, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no PRILoRA pruner state at {path}: was the checkpoint written with PriLoraCallback?")
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["prilora"])
         self.load_state_dict({"tensors": load_file(path), "meta": meta})
