@@ -44,7 +44,8 @@ def read_split(data_dir: str, task: str, split: str) -> tuple[list[tuple[str, ..
     folder, text_cols, label_col, labels, header = TASKS[task]
     path = os.path.join(data_dir, folder, f"{split}.tsv")
     if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found: pass --data-dir pointing at the GLUE TSV folders")
+        print(f"error: {path} not found: pass --data-dir pointing at the GLUE TSV folders", file=sys.stderr)
+        sys.exit(2)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         rows = list(reader)

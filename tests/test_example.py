@@ -31,3 +31,10 @@ def test_example_rejects_bad_ratio(glue_dir, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "prune_ratio must be in [0, 1), got 1.5" in result.stderr
+
+
+def test_example_rejects_missing_data(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("not found: pass --data-dir pointing at the GLUE TSV folders")

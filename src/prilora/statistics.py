@@ -2,8 +2,9 @@
 
 The importance of ``A[k, j]`` weighs its magnitude by how much signal input feature ``j``
 carries (as in Wanda). The hook adds one square-and-sum per adapted input (fp32 for
-half-precision inputs) and no host sync; when several adapted modules read the same tensor (query, key and value read
-the same hidden states) the reduction is done once and shared.
+half-precision inputs) and no host sync; when several adapted modules read the same
+tensor (query, key and value read the same hidden states) the reduction is done once
+and shared.
 
 Squared norms are summed over all micro-batches of an optimizer step and turned into a
 norm only at the step, so gradient accumulation (and, later, a cross-process sum) sees
