@@ -49,3 +49,25 @@ def _quiet_offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("WANDB_DISABLED", "true")
+
+
+def save_tiny_model_folder(folder: Path, num_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random BERT with a character-level WordPiece vocabulary: a local model folder that
+    `prilora train --model` loads like a hub model, with any English text tokenizable."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()&$%/")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=32, num_hidden_layers=num_layers, intermediate_size=64, num_attention_heads=4,
+                        vocab_size=len(vocab), max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)  # a pretrained encoder without a task head, as on the hub
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))

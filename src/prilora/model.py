@@ -143,10 +143,10 @@ def _verify_and_collect(
 
 
 def parameter_counts(peft_model: PeftModel) -> dict[str, int]:
-    """LoRA parameters (A and B, the budget the papers report) and trainable head parameters."""
+    """Adapter parameters (A and B: the budget the papers report) and trainable head parameters."""
     lora = head = 0
     for name, p in peft_model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if ".lora_" in name:  # A and B (and AdaLoRA's E, DoRA's magnitude)
             lora += p.numel()
         elif p.requires_grad:
             head += p.numel()

