@@ -6,6 +6,8 @@ results/prune-end-default.jsonl and skips runs already there, so it can be rerun
     python experiments/prune_end_default.py --report   # Markdown table from the JSON lines
 
 Model: the packaged all-MiniLM-L6-v2. Data: ../shared/data/glue (GLUE dev for scoring).
+Runs go through `prilora train` with the recipe spelled out in flags. The committed rows were
+produced by its predecessor, examples/train_glue.py (commit ec501f8), with this same recipe.
 """
 
 import json
@@ -26,6 +28,9 @@ GRID = [
     ("sst2", ["--max-train-samples", "8000", "--epochs", "2"]),
     ("mrpc", ["--epochs", "3"]),
 ]
+RECIPE = ["--learning-rate", "1e-3", "--batch-size", "32", "--max-seq-length", "128", "--warmup", "0.06",
+          "--weight-decay", "0.01", "--cls-dropout", "0.1", "--lora-alpha", "16"]
+GLUE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
 SEEDS = [0, 1, 2]
 PRUNE_ENDS = ["0.9", "1.0"]
 
@@ -34,7 +39,12 @@ def done():
     if not os.path.isfile(OUT):
         return set()
     with open(OUT) as f:
-        return {(r["task"], r["seed"], r["recipe"]["prune_end"]) for r in map(json.loads, f)}
+        return {(r["task"], r["seed"], prune_end(r)) for r in map(json.loads, f)}
+
+
+def prune_end(result):
+    """Rows of examples/train_glue.py kept it in "recipe"; `prilora train` in "prilora"."""
+    return float((result.get("prilora") or result["recipe"])["prune_end"])
 
 
 def report():
@@ -44,7 +54,7 @@ def report():
         rows = [json.loads(line) for line in f]
     cells = {}
     for r in rows:
-        cells.setdefault((r["task"], r["recipe"]["prune_end"]), []).append(r)
+        cells.setdefault((r["task"], prune_end(r)), []).append(r)
     print("| task | prune_end | dev score, mean ± std (x100) | seeds | per seed | A sparsity | optimizer steps |")
     print("|---|---|---|---|---|---|---|")
     for (task, end), rs in sorted(cells.items()):
@@ -65,12 +75,13 @@ def main():
                 if (task, seed, float(end)) in finished:
                     continue
                 with tempfile.TemporaryDirectory() as out:
-                    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_glue.py"), "--task", task,
-                           "--seed", str(seed), "--prune-end", end, "--output-dir", out, *flags]
+                    cmd = ["prilora", "train", "--task", task, "--seed", str(seed), "--prune-end", end,
+                           "--data-dir", GLUE_DIR, "--output-dir", out, "--quiet", *RECIPE, *flags]
                     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                     with open(os.path.join(out, "results.json")) as f:
                         result = json.load(f)
-                result["command"] = " ".join(["python", "examples/train_glue.py", *cmd[2:-len(flags) - 2], *flags])
+                result["command"] = " ".join([*cmd[:8], "--data-dir", "../shared/data/glue", "--output-dir", "OUT",
+                                              *cmd[12:]])
                 result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                                      "torch": torch.__version__, "transformers": transformers.__version__,
                                      "peft": peft.__version__}

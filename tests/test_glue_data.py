@@ -132,3 +132,21 @@ def test_unknown_task():
     with pytest.raises(ValueError, match=r"unknown task 'wnli': choose one of cola, sst2, mrpc, stsb, qqp, mnli"):
         get_task("wnli")
     assert get_task("SST-2").name == "sst2" and get_task("STS-B").folder == "STS-B"
+
+
+def test_holdout_carves_a_fixed_validation_split_from_train(glue_dir):
+    from prilora.glue.recipes import get_recipe
+    from prilora.glue.runner import load_data
+
+    task, recipe = get_task("rte"), get_recipe("minilm-cpu", "rte")
+    full = load_split(task, "train", str(glue_dir))
+    train, evals = load_data(task, str(glue_dir), recipe, holdout=200)
+    held = evals["holdout"]
+    assert list(evals) == ["holdout"] and (len(train), len(held)) == (2290, 200)
+    pairs = sorted(zip(full.texts, full.labels))
+    assert sorted(zip(train.texts + held.texts, train.labels + held.labels)) == pairs  # a partition of train
+    # training order is the file's order, minus the held-out rows
+    positions = [full.texts.index(t) for t in train.texts[:50]]
+    assert positions == sorted(positions)
+    again_train, again = load_data(task, str(glue_dir), recipe, holdout=0.0803)  # the same 200, as a fraction
+    assert again["holdout"] == held and again_train == train

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", default="auto",
                        help=f"recipe table: {', '.join(RECIPES)} (default auto: deberta-v3-base for DeBERTa models)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    train.add_argument("--holdout", type=float, default=None,
+                       help="evaluate on N (or a fraction of) training examples held out from training, not on dev "
+                            "(for choosing learning rates without looking at dev)")
     run = train.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --output-dir")
@@ -179,7 +182,8 @@ def build_spec(args):
     recipe = recipe.override(**overrides)
     adapter = {"lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
     spec = RunSpec(task=task.name, method=args.method, model=args.model, seed=args.seed, recipe_name=family,
-                   recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub")
+                   recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub",
+                   holdout=args.holdout)
     try:
         if args.method == "prilora":
             options = {**adapter, **_given(args, PRILORA_FLAGS)}

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import sys
 import time
@@ -50,6 +51,7 @@ class RunSpec:
     adalora: dict | None = None  # AdaLoRA options (method adalora)
     max_steps: int | None = None
     data_source: str = "tsv"
+    holdout: float | None = None  # evaluate on this many (or this fraction of) training examples, not dev
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -138,10 +140,25 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_data(task: Task, data_dir: str | None, recipe: Recipe) -> tuple[Split, dict[str, Split]]:
-    train = load_split(task, "train", data_dir).head(recipe.max_train_samples)
-    evals = {s: load_split(task, s, data_dir).head(recipe.max_eval_samples) for s in task.eval_splits}
-    return train, evals
+HOLDOUT_SEED = 20240101  # fixed: the same held-out examples for every run seed and method
+
+
+def load_data(task: Task, data_dir: str | None, recipe: Recipe,
+              holdout: float | None = None) -> tuple[Split, dict[str, Split]]:
+    """The training split and the evaluation splits (dev; or, with ``holdout``, a fixed random part of
+    train that is then left out of training, for choosing recipes without looking at dev)."""
+    train = load_split(task, "train", data_dir)
+    if holdout:
+        n = int(holdout) if holdout >= 1 else int(round(holdout * len(train)))
+        if not 0 < n < len(train):
+            raise RunError(f"--holdout {holdout} leaves no training or no held-out examples of {len(train)}")
+        held = set(random.Random(HOLDOUT_SEED).sample(range(len(train)), n))
+        pick = lambda keep: Split([t for i, t in enumerate(train.texts) if (i in held) == keep],  # noqa: E731
+                                  [y for i, y in enumerate(train.labels) if (i in held) == keep])
+        train, evals = pick(False), {"holdout": pick(True).head(recipe.max_eval_samples)}
+    else:
+        evals = {s: load_split(task, s, data_dir).head(recipe.max_eval_samples) for s in task.eval_splits}
+    return train.head(recipe.max_train_samples), evals
 
 
 def encode(tokenizer, split: Split, max_length: int):
@@ -266,7 +283,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
 
     task = get_task(spec.task)
     resume_from = prepare_output_dir(paths, spec)
-    train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe)
+    train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe, spec.holdout)
     path = resolve_model(spec.model)
     set_seed(spec.seed)
     base, tokenizer = load_model(spec.model, path, task, spec.recipe.cls_dropout)

@@ -1,0 +1,67 @@
+"""Choose the learning rate of the minilm-cpu recipes without looking at dev.
+
+For each task, plain LoRA (the baseline, so the choice cannot favour PRILoRA) trains with each
+learning rate of a small grid on 90% of the training set and is scored on the other 10%
+(`prilora train --holdout 0.1`, a fixed random part of train). Epochs, length and the rest are
+fixed by the CPU budget (each task in minutes on 2 cores). One JSON line per finished run goes
+to results/minilm-recipes.jsonl; runs already there are skipped, so rerunning resumes.
+
+    python experiments/minilm_recipes.py            # run (or resume) the grid
+    python experiments/minilm_recipes.py --report   # table: holdout score per task and learning rate
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "results", "minilm-recipes.jsonl")
+GLUE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
+TASKS = ["cola", "mrpc", "stsb", "rte"]
+LEARNING_RATES = ["5e-4", "1e-3", "2e-3"]
+SEED = 0
+
+
+def finished():
+    if not os.path.isfile(OUT):
+        return set()
+    with open(OUT) as f:
+        return {(r["task"], r["learning_rate"]) for r in map(json.loads, f)}
+
+
+def report():
+    with open(OUT) as f:
+        rows = [json.loads(line) for line in f]
+    print("| task | learning rate | holdout score (x100) | collapsed | epochs | steps | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["task"], r["learning_rate"])):
+        print(f"| {r['task']} | {r['learning_rate']:g} | {100 * r['metrics']['score']:.2f} | {r['collapsed']} | "
+              f"{r['recipe']['epochs']:g} | {r['steps']} | {r['train_runtime_s']:.0f} |")
+
+
+def main():
+    if "--report" in sys.argv:
+        return report()
+    done = finished()
+    for task in TASKS:
+        for lr in LEARNING_RATES:
+            if (task, float(lr)) in done:
+                continue
+            with tempfile.TemporaryDirectory() as out:
+                cmd = ["prilora", "train", "--task", task, "--method", "lora", "--seed", str(SEED), "--holdout", "0.1",
+                       "--learning-rate", lr, "--data-dir", GLUE_DIR, "--output-dir", out, "--quiet"]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                with open(os.path.join(out, "results.json")) as f:
+                    result = json.load(f)
+            result["command"] = " ".join([*cmd[:11], "--data-dir", "../shared/data/glue", "--output-dir", "OUT",
+                                          "--quiet"])
+            os.makedirs(os.path.dirname(OUT), exist_ok=True)
+            with open(OUT, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(task, lr, result["metrics"]["score"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
