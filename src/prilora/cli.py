@@ -71,7 +71,7 @@ ADALORA_FLAGS = {
     "--adalora-orth-reg-weight": ("orth_reg_weight", float, "orthogonal regularisation weight (default 0.1)"),
 }
 RECIPE_FLAGS = {
-    "--learning-rate": ("learning_rate", float, "peak learning rate (full fine-tuning: its own recipe value)"),
+    "--learning-rate": ("learning_rate", float, "peak learning rate (with --method full it replaces the recipe's full fine-tuning rate)"),
     "--epochs": ("epochs", float, "training epochs"),
     "--batch-size": ("batch_size", int, "training batch size"),
     "--max-seq-length": ("max_seq_length", int, "truncate inputs to this many tokens (padding is dynamic)"),
@@ -79,7 +79,7 @@ RECIPE_FLAGS = {
     "--weight-decay": ("weight_decay", float, "AdamW weight decay"),
     "--cls-dropout": ("cls_dropout", float, "dropout before the classifier"),
     "--max-train-samples": ("max_train_samples", int, "use the first N training examples"),
-    "--max-eval-samples": ("max_eval_samples", int, "use the first N dev examples"),
+    "--max-eval-samples": ("max_eval_samples", int, "use the first N evaluation examples"),
 }
 ALLOWED = {  # which option groups each method accepts
     "prilora": (PRILORA_FLAGS, ADAPTER_FLAGS),
@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", default="prilora", help=f"{', '.join(METHODS)} (default prilora)")
     train.add_argument("--model", default=DEFAULT_MODEL,
                        help="hub id or local folder (default: all-MiniLM-L6-v2, the packaged copy when installed)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and dropout (default 0)")
     train.add_argument("--data-dir", default=None,
                        help="GLUE TSV folders (CoLA/, SST-2/, ...); without it nyu-mll/glue is loaded from the hub")
-    train.add_argument("--output-dir", required=True)
+    train.add_argument("--output-dir", required=True,
+                       help="new or empty folder (or one of an unfinished run, with --resume)")
     train.add_argument("--recipe", default="auto",
                        help=f"recipe table: {', '.join(RECIPES)} (default auto: deberta-v3-base for DeBERTa models)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
