@@ -69,3 +69,17 @@ def get_recipe(family: str, task: str) -> Recipe:
     if family not in RECIPES:
         raise ValueError(f"unknown recipe {family!r}: choose one of {', '.join(RECIPES)}")
     return RECIPES[family][task]
+
+
+def recipes_markdown(family: str) -> str:
+    """The rows of docs/RECIPES.md for one family (a test keeps the docs equal to this table)."""
+    rows = []
+    for task, r in RECIPES[family].items():
+        rows.append(f"| {task} | {r.learning_rate:g} | {r.full_learning_rate:g} | {r.epochs:g} | {r.max_seq_length} | "
+                    f"{r.warmup:g} | {r.weight_decay:g} | {r.cls_dropout:g} | {r.lora_alpha:g} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m prilora.glue.recipes: the tables of docs/RECIPES.md
+    for name in RECIPES:
+        print(f"{name}\n{recipes_markdown(name)}\n")
