@@ -235,3 +235,12 @@ def test_readme_main_job_on_a_subset(glue_dir, tmp_path):
     r = json.loads((tmp_path / "rte" / "results.json").read_text())
     assert r["model"] == DEFAULT_MODEL and r["ranks"] == [4, 6, 7, 9, 10, 12]
     assert r["lora_params"] == 331_776 and r["a_sparsity"] == 0.5 and r["steps"] == 4
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp, glue_dir, capsys):
+    assert train(tmp, glue_dir, "--max-steps", "2") == 0
+    before = (tmp["root"] / "run" / "results.json").read_text()
+    capsys.readouterr()
+    err = error_of(capsys, train(tmp, tmp["root"] / "no-data", "--max-steps", "2", "--overwrite"))
+    assert err.endswith("no-data not found: pass --data-dir pointing at the GLUE TSV folders")
+    assert (tmp["root"] / "run" / "results.json").read_text() == before

@@ -15,11 +15,12 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 
 import torch
 
+from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
 from ..model import get_prilora_model, parameter_counts
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
@@ -69,7 +70,6 @@ class RunPaths:
     keep_checkpoints: int = 1
     eval_batch_size: int = 64
     quiet: bool = False
-    extra_callbacks: list = field(default_factory=list)
 
 
 def resolve_model(model_id: str) -> str:
@@ -86,8 +86,9 @@ def resolve_model(model_id: str) -> str:
     return model_id
 
 
-def prepare_output_dir(paths: RunPaths, spec: RunSpec) -> str | None:
-    """Check the output folder against the request; returns the checkpoint to resume from, if any."""
+def check_output_dir(paths: RunPaths, spec: RunSpec) -> tuple[bool, str | None]:
+    """Check the output folder against the request, changing nothing yet (a run that then fails on
+    its data or model loses nothing). Returns (replace the folder?, checkpoint to resume from)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     out = paths.output_dir
@@ -95,15 +96,12 @@ def prepare_output_dir(paths: RunPaths, spec: RunSpec) -> str | None:
     if os.path.isfile(out):
         raise RunError(f"--output-dir {out} is a file: pass a folder")
     if not os.path.isdir(out) or not os.listdir(out):
-        os.makedirs(out, exist_ok=True)
-        return None
+        return False, None
     if not os.path.isfile(run_file):
         raise RunError(f"--output-dir {out} is not empty and holds no prilora run ({RUN_FILE}): "
                        "choose a new or empty folder")
     if paths.overwrite:
-        shutil.rmtree(out)
-        os.makedirs(out)
-        return None
+        return True, None
     if os.path.isfile(results_file):
         raise RunError(f"{out} already holds a finished run ({RESULTS_FILE}): "
                        "pass --overwrite to replace it, or choose another --output-dir")
@@ -117,7 +115,7 @@ def prepare_output_dir(paths: RunPaths, spec: RunSpec) -> str | None:
         detail = "; ".join(f"{k}: {started.get(k)} -> {wanted.get(k)}" for k in changed)
         raise RunError(f"cannot resume {out}: it was started with other settings ({detail}); "
                        "resume with the same flags, or pass --overwrite to start over")
-    return get_last_checkpoint(out)
+    return False, get_last_checkpoint(out)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -203,8 +201,6 @@ def build_model(spec: RunSpec, base, num_train: int):
     recipe = spec.recipe
     if spec.method in ("prilora", "lora"):
         model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
-        from ..callback import PriLoraCallback
-
         return model, [PriLoraCallback(pruner)], pruner
     if spec.method == "adalora":
         a = spec.adalora
@@ -282,12 +278,15 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     task = get_task(spec.task)
-    resume_from = prepare_output_dir(paths, spec)
+    replace, resume_from = check_output_dir(paths, spec)
     train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe, spec.holdout)
     path = resolve_model(spec.model)
     set_seed(spec.seed)
     base, tokenizer = load_model(spec.model, path, task, spec.recipe.cls_dropout)
     model, callbacks, pruner = build_model(spec, base, len(train_split))
+    if replace:
+        shutil.rmtree(paths.output_dir)
+    os.makedirs(paths.output_dir, exist_ok=True)
     if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
         write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict(), "model_path": path})
 
@@ -308,7 +307,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     collator = DataCollatorWithPadding(tokenizer)
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
-        data_collator=collator, callbacks=callbacks + paths.extra_callbacks,
+        data_collator=collator, callbacks=callbacks,
     )
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
