@@ -244,3 +244,20 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp, glue_d
     err = error_of(capsys, train(tmp, tmp["root"] / "no-data", "--max-steps", "2", "--overwrite"))
     assert err.endswith("no-data not found: pass --data-dir pointing at the GLUE TSV folders")
     assert (tmp["root"] / "run" / "results.json").read_text() == before
+
+
+def test_mnli_reports_matched_and_mismatched(tmp, glue_dir):
+    from test_glue_data import MNLI_HEADER, mnli_row, write
+
+    data = tmp["root"] / "glue"
+    labels = ["entailment", "neutral", "contradiction"]
+    write(data / "MNLI" / "train.tsv", [MNLI_HEADER] + [mnli_row(i, f"premise {i}", f"hypothesis {i % 7}",
+                                                                 labels[i % 3]) for i in range(24)])
+    for split, n in (("dev_matched", 9), ("dev_mismatched", 6)):
+        write(data / "MNLI" / f"{split}.tsv", [MNLI_HEADER] + [mnli_row(i, f"p {i}", f"h {i}", labels[i % 3])
+                                                               for i in range(n)])
+    assert train(tmp, data, task="mnli", samples=24) == 0
+    r = results(tmp)
+    assert r["eval_examples"] == {"dev_matched": 9, "dev_mismatched": 6} and r["train_examples"] == 24
+    assert set(r["metrics"]) == {"accuracy", "accuracy_mismatched", "score"}
+    assert r["metrics"]["score"] == r["metrics"]["accuracy"]
