@@ -3,7 +3,8 @@
 For each task, plain LoRA (the baseline, so the choice cannot favour PRILoRA) trains with each
 learning rate of a small grid on 90% of the training set and is scored on the other 10%
 (`prilora train --holdout 0.1`, a fixed random part of train). Epochs, length and the rest are
-fixed by the CPU budget (each task in minutes on 2 cores). One JSON line per finished run goes
+fixed by the CPU budget (each task in minutes on 2 cores). When the best rate is at an end of
+the grid, the grid is extended by one more factor of 2 that way (once). One JSON line per finished run goes
 to results/minilm-recipes.jsonl; runs already there are skipped, so rerunning resumes.
 
     python experiments/minilm_recipes.py            # run (or resume) the grid
@@ -24,13 +25,6 @@ LEARNING_RATES = ["5e-4", "1e-3", "2e-3"]
 SEED = 0
 
 
-def finished():
-    if not os.path.isfile(OUT):
-        return set()
-    with open(OUT) as f:
-        return {(r["task"], r["learning_rate"]) for r in map(json.loads, f)}
-
-
 def report():
     with open(OUT) as f:
         rows = [json.loads(line) for line in f]
@@ -41,26 +35,43 @@ def report():
               f"{r['recipe']['epochs']:g} | {r['steps']} | {r['train_runtime_s']:.0f} |")
 
 
+def run(task, lr):
+    with tempfile.TemporaryDirectory() as out:
+        cmd = ["prilora", "train", "--task", task, "--method", "lora", "--seed", str(SEED), "--holdout", "0.1",
+               "--learning-rate", lr, "--data-dir", GLUE_DIR, "--output-dir", out, "--quiet"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out, "results.json")) as f:
+            result = json.load(f)
+    result["command"] = " ".join([*cmd[:11], "--data-dir", "../shared/data/glue", "--output-dir", "OUT", "--quiet"])
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(task, lr, result["metrics"]["score"], flush=True)
+    return result
+
+
+def scores(task):
+    if not os.path.isfile(OUT):
+        return {}
+    with open(OUT) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["learning_rate"]: r["metrics"]["score"] for r in rows if r["task"] == task}
+
+
 def main():
     if "--report" in sys.argv:
         return report()
-    done = finished()
     for task in TASKS:
         for lr in LEARNING_RATES:
-            if (task, float(lr)) in done:
-                continue
-            with tempfile.TemporaryDirectory() as out:
-                cmd = ["prilora", "train", "--task", task, "--method", "lora", "--seed", str(SEED), "--holdout", "0.1",
-                       "--learning-rate", lr, "--data-dir", GLUE_DIR, "--output-dir", out, "--quiet"]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                with open(os.path.join(out, "results.json")) as f:
-                    result = json.load(f)
-            result["command"] = " ".join([*cmd[:11], "--data-dir", "../shared/data/glue", "--output-dir", "OUT",
-                                          "--quiet"])
-            os.makedirs(os.path.dirname(OUT), exist_ok=True)
-            with open(OUT, "a") as f:
-                f.write(json.dumps(result) + "\n")
-            print(task, lr, result["metrics"]["score"], flush=True)
+            if float(lr) not in scores(task):
+                run(task, lr)
+        got = {lr: (s if s == s else float("-inf")) for lr, s in scores(task).items()}  # NaN counts as worst
+        grid = [float(x) for x in LEARNING_RATES]
+        best = max(got, key=got.get)
+        if best == min(grid) and best / 2 not in got:
+            run(task, f"{best / 2:g}")
+        elif best == max(grid) and best * 2 not in got:
+            run(task, f"{best * 2:g}")
 
 
 if __name__ == "__main__":
