@@ -261,3 +261,20 @@ def test_mnli_reports_matched_and_mismatched(tmp, glue_dir):
     assert r["eval_examples"] == {"dev_matched": 9, "dev_mismatched": 6} and r["train_examples"] == 24
     assert set(r["metrics"]) == {"accuracy", "accuracy_mismatched", "score"}
     assert r["metrics"]["score"] == r["metrics"]["accuracy"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prune-criterion", "none", "--prune-interval", "5"],
+     "--prune-interval has no effect with --prune-criterion none (no pruning)"),
+    (["--prune-ratio", "0", "--prune-criterion", "random", "--prune-end", "0.5"],
+     "--prune-end, --prune-criterion have no effect with --prune-ratio 0 (no pruning)"),
+    (["--prune-criterion", "magnitude", "--ema-beta", "0.5"],
+     "--ema-beta has no effect with --prune-criterion magnitude (no input statistics)"),
+    (["--rank-schedule", "4,12", "--r-end", "12"], "--r-end does not apply to an explicit list of ranks"),
+    (["--rank-schedule", "4,6,8"], "rank schedule lists 3 ranks but the model has 2 layers (model "),
+    (["--target-modules", "nothing"], "target_modules=['nothing'] match no linear layer of this "
+                                      "BertForSequenceClassification"),
+])
+def test_contradictory_or_unfitting_prilora_flags(tmp, glue_dir, capsys, flags, message):
+    assert message in error_of(capsys, train(tmp, glue_dir, *flags))
+    assert not (tmp["root"] / "run" / "run.json").exists()

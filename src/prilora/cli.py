@@ -187,8 +187,10 @@ def build_spec(args):
                    holdout=args.holdout)
     try:
         if args.method == "prilora":
-            options = {**adapter, **_given(args, PRILORA_FLAGS)}
-            spec.prilora = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, **options).to_dict()
+            given = _given(args, PRILORA_FLAGS)
+            config = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, **adapter, **given)
+            _refuse_idle_flags(config, given)
+            spec.prilora = config.to_dict()
         elif args.method == "lora":
             options = {**adapter, **_given(args, LORA_FLAGS)}
             r = options.pop("lora_r", 8)
@@ -203,6 +205,29 @@ def build_spec(args):
     except ValueError as e:
         raise RunError(str(e)) from None
     return spec
+
+
+PRUNING_FIELDS = ("prune_ratio", "prune_interval", "prune_start", "prune_end", "ema_beta", "prune_scope", "prune_matrix")
+
+
+def _refuse_idle_flags(config, given: dict) -> None:
+    """Flags that would silently do nothing are contradictions: say so instead."""
+    flag = {dest: f for f, (dest, _, _) in PRILORA_FLAGS.items()}
+    if isinstance(config.rank_schedule, list):
+        idle = [flag[k] for k in ("r_start", "r_end") if k in given]
+        if idle:
+            raise ValueError(f"{' and '.join(idle)} {'does' if len(idle) == 1 else 'do'} not apply to an explicit "
+                             "list of ranks (--rank-schedule)")
+    if not config.prunes:
+        why = "--prune-criterion none" if config.prune_criterion == "none" else "--prune-ratio 0"
+        cause = "prune_criterion" if config.prune_criterion == "none" else "prune_ratio"
+        idle = [flag[k] for k in (*PRUNING_FIELDS, "prune_criterion") if k in given and k != cause]
+        if idle:
+            raise ValueError(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with {why} "
+                             "(no pruning)")
+    elif config.prune_criterion != "importance" and "ema_beta" in given:
+        raise ValueError(f"--ema-beta has no effect with --prune-criterion {config.prune_criterion} "
+                         "(no input statistics)")
 
 
 def cmd_train(args) -> int:

@@ -22,7 +22,8 @@ import torch
 
 from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
-from ..model import get_prilora_model, parameter_counts
+from ..architectures import find_target_modules
+from ..model import build_lora_config, get_prilora_model, parameter_counts
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics
@@ -167,8 +168,12 @@ def encode(tokenizer, split: Split, max_length: int):
     return Dataset.from_dict({**enc, "labels": split.labels})
 
 
-def load_model(model_id: str, path: str, task: Task, cls_dropout: float):
+def load_model(spec: RunSpec, path: str, task: Task):
+    """Config and tokenizer first, then the adapter layout checked on a weightless (meta) copy of the
+    model, and only then the weights: a schedule or target that does not fit fails in a second."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_id, cls_dropout = spec.model, spec.recipe.cls_dropout
 
     try:
         config = AutoConfig.from_pretrained(path, num_labels=task.num_labels)
@@ -184,6 +189,15 @@ def load_model(model_id: str, path: str, task: Task, cls_dropout: float):
         config.cls_dropout = cls_dropout
     if task.is_regression:
         config.problem_type = "regression"
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    try:
+        if spec.prilora is not None:
+            build_lora_config(skeleton, PriLoraConfig.from_dict(spec.prilora))
+        elif spec.adalora is not None:
+            find_target_modules(skeleton, spec.adalora.get("target_modules"))
+    except ValueError as e:  # a schedule, target or layer pattern that does not fit this model
+        raise RunError(f"{e} (model {model_id})") from None
     # A checkpoint with a head for another label count gets a new head (transformers reports it).
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
     return model, tokenizer
@@ -282,7 +296,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe, spec.holdout)
     path = resolve_model(spec.model)
     set_seed(spec.seed)
-    base, tokenizer = load_model(spec.model, path, task, spec.recipe.cls_dropout)
+    base, tokenizer = load_model(spec, path, task)
     model, callbacks, pruner = build_model(spec, base, len(train_split))
     if replace:
         shutil.rmtree(paths.output_dir)
