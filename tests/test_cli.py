@@ -150,6 +150,15 @@ def _exit(fn, argv):
     return e.value.code
 
 
+def test_holdout_run_scores_on_train_examples(tmp, glue_dir, capsys):
+    assert train(tmp, glue_dir, "--holdout", "30", "--max-steps", "2") == 0
+    r = results(tmp)
+    assert r["eval_examples"] == {"holdout": 30} and r["train_examples"] == 48 and r["holdout"] == 30
+    capsys.readouterr()
+    assert error_of(capsys, train(tmp, glue_dir, "--holdout", "2490", out="r2")).endswith(
+        "--holdout 2490 leaves no training or no held-out examples of 2490")
+
+
 def test_bad_data(tmp, glue_dir, capsys):
     assert error_of(capsys, main(["train", "--task", "rte", "--data-dir", str(tmp["root"] / "none"),
                                   "--output-dir", str(tmp["root"] / "run")])).endswith(

@@ -150,7 +150,7 @@ def load_data(task: Task, data_dir: str | None, recipe: Recipe,
     if holdout:
         n = int(holdout) if holdout >= 1 else int(round(holdout * len(train)))
         if not 0 < n < len(train):
-            raise RunError(f"--holdout {holdout} leaves no training or no held-out examples of {len(train)}")
+            raise RunError(f"--holdout {holdout:g} leaves no training or no held-out examples of {len(train)}")
         held = set(random.Random(HOLDOUT_SEED).sample(range(len(train)), n))
         pick = lambda keep: Split([t for i, t in enumerate(train.texts) if (i in held) == keep],  # noqa: E731
                                   [y for i, y in enumerate(train.labels) if (i in held) == keep])
@@ -350,7 +350,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         "task": task.name, "method": spec.method, "model": spec.model, "model_path": path, "seed": spec.seed,
         "recipe_name": spec.recipe_name, "recipe": recipe.to_dict(), "learning_rate": lr,
         "prilora": spec.prilora, "adalora": spec.adalora, "max_steps": spec.max_steps,
-        "data_source": spec.data_source, "train_examples": len(train_split),
+        "data_source": spec.data_source, "holdout": spec.holdout, "train_examples": len(train_split),
         "eval_examples": {s: len(d) for s, d in eval_splits.items()},
         "metrics": metrics, "collapsed": reason is not None, "collapse_reason": reason,
         **head_and_adapter_counts(spec, model),
