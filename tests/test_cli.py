@@ -287,3 +287,14 @@ def test_mnli_reports_matched_and_mismatched(tmp, glue_dir):
 def test_contradictory_or_unfitting_prilora_flags(tmp, glue_dir, capsys, flags, message):
     assert message in error_of(capsys, train(tmp, glue_dir, *flags))
     assert not (tmp["root"] / "run" / "run.json").exists()
+
+
+def test_diverged_run_is_marked_collapsed_with_strict_json(tmp, glue_dir, capsys):
+    with pytest.warns(RuntimeWarning, match="PRILoRA skipped the input norms of"):
+        assert train(tmp, glue_dir, "--task", "stsb", "--learning-rate", "1e12") == 0
+    text = (tmp["root"] / "run" / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined numbers are null
+    r = json.loads(text)
+    assert r["collapsed"] is True and r["collapse_reason"].startswith("non-finite training loss (nan) at step ")
+    assert r["metrics"]["score"] is None and r["train_loss"] is None
+    assert "warning: run collapsed: non-finite training loss" in capsys.readouterr().err

@@ -129,10 +129,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def finite_or_none(value):
+    """NaN and infinities as null: strict JSON that jq and other tools can read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
+        json.dump(finite_or_none(data), f, indent=2, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -274,11 +285,11 @@ def machine() -> dict:
 
 
 def collapse_reason(log_history: list[dict], train_loss: float, predictions: dict, task: Task) -> str | None:
-    losses = [h["loss"] for h in log_history if "loss" in h]
+    """Why a run collapsed (non-finite training loss, constant or non-finite predictions), or None."""
     bad = [h for h in log_history if "loss" in h and not math.isfinite(h["loss"])]
     if bad:
         return f"non-finite training loss ({bad[0]['loss']}) at step {bad[0].get('step')}"
-    if not math.isfinite(train_loss) or (losses and not all(map(math.isfinite, losses))):
+    if not math.isfinite(train_loss):
         return f"non-finite training loss ({train_loss})"
     for split, preds in predictions.items():
         reason = constant_predictions(task, preds)
@@ -315,6 +326,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         lr_scheduler_type="linear", eval_strategy="no",
         save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
         save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, steps_per_epoch // 5),
+        logging_nan_inf_filter=False,  # a non-finite loss must show in the log: it marks a collapsed run
         report_to=[], disable_tqdm=paths.quiet, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
@@ -361,5 +373,6 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    results = finite_or_none(results)
     write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
     return results
