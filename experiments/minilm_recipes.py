@@ -8,6 +8,7 @@ the grid, the grid is extended by one more factor of 2 that way (once). One JSON
 to results/minilm-recipes.jsonl; runs already there are skipped, so rerunning resumes.
 
     python experiments/minilm_recipes.py            # run (or resume) the grid
+    python experiments/minilm_recipes.py --tasks rte # only some tasks (e.g. two processes, one thread each)
     python experiments/minilm_recipes.py --report   # table: holdout score per task and learning rate
 """
 
@@ -61,7 +62,8 @@ def scores(task):
 def main():
     if "--report" in sys.argv:
         return report()
-    for task in TASKS:
+    tasks = sys.argv[sys.argv.index("--tasks") + 1].split(",") if "--tasks" in sys.argv else TASKS
+    for task in tasks:
         for lr in LEARNING_RATES:
             if float(lr) not in scores(task):
                 run(task, lr)
