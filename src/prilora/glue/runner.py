@@ -335,6 +335,12 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
         data_collator=collator, callbacks=callbacks,
     )
+    evaluated = ", ".join(f"{len(d)} {name}" for name, d in eval_splits.items())
+    print(f"prilora train: {task.name} / {spec.method} / seed {spec.seed} / {spec.model}"
+          f"{'' if path == spec.model else f' ({path})'}; recipe "
+          f"{spec.recipe_name}: lr {lr:g}, {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length "
+          f"{recipe.max_seq_length}; {len(train_split)} training examples, evaluated on {evaluated}"
+          + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
