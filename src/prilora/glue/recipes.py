@@ -49,9 +49,9 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "minilm-cpu": {
         "rte": Recipe(2e-3, 1e-4, 5, 128, 0.06, 0.01, 0.1, 16),
-        "mrpc": Recipe(1e-3, 1e-4, 3, 128, 0.06, 0.01, 0.1, 16),
+        "mrpc": Recipe(5e-4, 1e-4, 3, 128, 0.06, 0.01, 0.1, 16),
         "stsb": Recipe(1e-3, 1e-4, 3, 128, 0.06, 0.01, 0.1, 16),
-        "cola": Recipe(1e-3, 1e-4, 3, 64, 0.06, 0.01, 0.1, 16),
+        "cola": Recipe(5e-4, 1e-4, 3, 64, 0.06, 0.01, 0.1, 16),
         "sst2": Recipe(1e-3, 1e-4, 1, 64, 0.06, 0.01, 0.1, 16),
         "qnli": Recipe(1e-3, 1e-4, 1, 128, 0.06, 0.01, 0.1, 16, max_train_samples=20000),
         "qqp": Recipe(1e-3, 1e-4, 1, 128, 0.06, 0.01, 0.1, 16, max_train_samples=20000, max_eval_samples=5000),
