@@ -298,3 +298,16 @@ def test_diverged_run_is_marked_collapsed_with_strict_json(tmp, glue_dir, capsys
     assert r["collapsed"] is True and r["collapse_reason"].startswith("non-finite training loss (nan) at step ")
     assert r["metrics"]["score"] is None and r["train_loss"] is None
     assert "warning: run collapsed: non-finite training loss" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be > 0, got -1.0"),
+    (["--method", "full", "--learning-rate", "0"], "--learning-rate must be > 0, got 0.0"),
+    (["--cls-dropout", "1"], "--cls-dropout must be in [0, 1), got 1.0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--holdout", "-3"], "--holdout must be > 0 (a count, or a fraction below 1), got -3"),
+])
+def test_bad_recipe_values(tmp, glue_dir, capsys, flags, message):
+    assert error_of(capsys, train(tmp, glue_dir, *flags)) == f"prilora train: error: {message}"

@@ -180,7 +180,16 @@ def build_spec(args):
     overrides = _given(args, RECIPE_FLAGS)
     if args.method == "full" and "learning_rate" in overrides:
         overrides["full_learning_rate"] = overrides.pop("learning_rate")
-    recipe = recipe.override(**overrides)
+    for name, value, rule in (("--max-steps", args.max_steps, 1), ("--save-steps", args.save_steps, 1),
+                              ("--keep-checkpoints", args.keep_checkpoints, 0)):
+        if value is not None and value < rule:
+            raise RunError(f"{name} must be >= {rule}, got {value}")
+    if args.holdout is not None and args.holdout <= 0:
+        raise RunError(f"--holdout must be > 0 (a count, or a fraction below 1), got {args.holdout:g}")
+    try:
+        recipe = recipe.override(**overrides)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     adapter = {"lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
     spec = RunSpec(task=task.name, method=args.method, model=args.model, seed=args.seed, recipe_name=family,
                    recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub",

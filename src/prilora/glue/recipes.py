@@ -29,7 +29,21 @@ class Recipe:
         return asdict(self)
 
     def override(self, **changes) -> "Recipe":
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given values (None: keep), checked: one line names a bad value."""
+        recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        checks = [("learning_rate", recipe.learning_rate > 0, "> 0"),
+                  ("full_learning_rate", recipe.full_learning_rate > 0, "> 0"),
+                  ("epochs", recipe.epochs > 0, "> 0"), ("batch_size", recipe.batch_size >= 1, ">= 1"),
+                  ("max_seq_length", recipe.max_seq_length >= 8, ">= 8"), ("warmup", recipe.warmup >= 0, ">= 0"),
+                  ("weight_decay", recipe.weight_decay >= 0, ">= 0"),
+                  ("cls_dropout", 0 <= recipe.cls_dropout < 1, "in [0, 1)"), ("lora_alpha", recipe.lora_alpha > 0, "> 0"),
+                  ("max_train_samples", recipe.max_train_samples is None or recipe.max_train_samples >= 1, ">= 1"),
+                  ("max_eval_samples", recipe.max_eval_samples is None or recipe.max_eval_samples >= 1, ">= 1")]
+        for name, ok, rule in checks:
+            if not ok:
+                flag = "--" + ("learning_rate" if name == "full_learning_rate" else name).replace("_", "-")
+                raise ValueError(f"{flag} must be {rule}, got {getattr(recipe, name)}")
+        return recipe
 
 
 def _deberta(lr, epochs, max_len, warmup, wd, drop, alpha):
