@@ -62,7 +62,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "stsb": _deberta(2.2e-3, 25, 128, 100, 0.1, 0.2, 32),
     },
     "minilm-cpu": {
-        "rte": Recipe(2e-3, 1e-4, 5, 128, 0.06, 0.01, 0.1, 16),
+        "rte": Recipe(1e-3, 1e-4, 5, 128, 0.06, 0.01, 0.1, 16),
         "mrpc": Recipe(5e-4, 1e-4, 3, 128, 0.06, 0.01, 0.1, 16),
         "stsb": Recipe(1e-3, 1e-4, 3, 128, 0.06, 0.01, 0.1, 16),
         "cola": Recipe(5e-4, 1e-4, 3, 64, 0.06, 0.01, 0.1, 16),
