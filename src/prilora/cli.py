@@ -12,8 +12,6 @@ import sys
 
 from . import __version__
 
-# PRILoRA options as flags: flag -> (PriLoraConfig field, parser)
-
 
 def _schedule(text: str):
     if "," in text or text.isdigit():
