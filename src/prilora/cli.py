@@ -87,12 +87,16 @@ ALLOWED = {  # which option groups each method accepts
 }
 
 
+class UsageError(Exception):
+    """A flag argparse rejected; ``main`` prints it as one line and exits with 2."""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what was wrong, and where to look) and exit code 2."""
+    """argparse, but a usage error is one line (what was wrong, and where to look), raised so that
+    ``prilora sweep`` can check a run's flags without exiting."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def _add_group(parser, title, flags):
@@ -141,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(train, "PRILoRA (method prilora)", PRILORA_FLAGS)
     _add_group(train, "LoRA (method lora)", LORA_FLAGS)
     _add_group(train, "AdaLoRA (method adalora)", ADALORA_FLAGS)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of prilora train runs from a TOML or YAML spec (resumable)",
+        description="Run every prilora train run a spec describes (stages x tasks x variants x grid values x "
+                    "seeds), skipping finished runs and resuming unfinished ones, and append each finished "
+                    "run's results.json to the spec's JSON-lines file. See docs/SWEEPS.md.",
+    )
+    sweep.add_argument("spec", help="a .toml, .yaml or .yml file (e.g. experiments/main-table.toml)")
+    sweep.add_argument("--jobs", type=int, default=None,
+                       help="runs at a time, each with CPU cores / jobs threads (default: the spec's jobs, or 1)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
     return parser
 
 
@@ -252,13 +267,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .glue.sweep import Sweep, SweepError
+
+    if args.jobs is not None and args.jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
+    return Sweep(args.spec, jobs=args.jobs).run(dry_run=args.dry_run)
+
+
 def main(argv=None) -> int:
     from .glue.data import GlueDataError
     from .glue.runner import RunError
 
-    args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        return {"train": cmd_train, "sweep": cmd_sweep}[args.command](args)
     except (RunError, GlueDataError) as e:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2

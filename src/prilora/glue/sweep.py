@@ -1,0 +1,475 @@
+"""``prilora sweep SPEC``: a grid of ``prilora train`` runs from a committed TOML or YAML file.
+
+A spec names its runs: stages (e.g. a learning-rate grid on a held-out part of train, then
+dev runs at the chosen rate) x tasks x variants (named flag sets such as ``method = "lora"``)
+x every list-valued flag x seeds. Each run is a ``prilora train`` process in its own folder,
+so a sweep can stop at any moment and continue later: finished runs are skipped, unfinished
+ones resume from their last checkpoint. Every finished run's ``results.json`` is appended to
+one JSON-lines file with a ``sweep`` record (stage, variant, run id, the exact command).
+
+Runs are identified by what decides their outcome (the RunSpec that ``prilora train`` builds),
+so a finished run is never redone, a changed spec is caught instead of mixed in, and runs
+finished elsewhere with the same settings (``reuse = [...]``) count as done.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .runner import RESULTS_FILE, RUN_FILE, RunError, finite_or_none
+
+SPEC_KEYS = {"name", "description", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
+STAGE_KEYS = {"name", "task", "seed", "variants"}  # besides flags of `prilora train`
+RUN_FLAGS = {"save-steps", "keep-checkpoints"}  # how a run is carried out, not what it computes
+FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
+SELECT = "select:"
+
+
+class SweepError(RunError):
+    """A spec that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class PlannedRun:
+    id: str  # stage/task/variant/axis=value,...-s<seed>: also the run's folder under runs_dir
+    stage: str
+    task: str
+    variant: str
+    seed: int
+    flags: dict  # flag (without --) -> value; values "select:STAGE" are chosen from that stage's results
+    spec: dict | None = None  # the RunSpec it computes, once its flags are resolved
+    line: dict | None = None  # its finished results line
+    axes: dict = field(default_factory=dict)
+    selects: dict = field(default_factory=dict)  # flag -> stage its value is chosen from
+    selection: dict | None = None  # what was chosen, and the mean score of every candidate
+
+    def __post_init__(self):
+        self.selects = {k: v[len(SELECT):] for k, v in self.flags.items()
+                        if isinstance(v, str) and v.startswith(SELECT)}
+
+
+def load_spec_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SweepError(f"sweep spec {path} not found")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            if not isinstance(data, dict):
+                raise SweepError(f"{path}: a sweep spec must be a mapping at the top level")
+            return data
+    except SweepError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError: one line with the position
+        raise SweepError(f"{path}: cannot parse: {' '.join(str(e).split())}") from None
+    raise SweepError(f"{path}: a sweep spec must be a .toml, .yaml or .yml file")
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _flag_names() -> set[str]:
+    from ..cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    return {s[2:] for a in train._actions for s in a.option_strings if s.startswith("--")}
+
+
+def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
+    """The settings and the ordered runs of a spec (task by task, so whole cells finish early)."""
+    name = data.get("name") or os.path.splitext(os.path.basename(path))[0]
+    unknown = set(data) - SPEC_KEYS
+    if unknown:
+        raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(SPEC_KEYS)}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise SweepError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
+    settings = {"name": name, "output": data.get("output", f"results/{name}.jsonl"),
+                "runs_dir": data.get("runs_dir", f"runs/sweeps/{name}"), "jobs": data.get("jobs", 1),
+                "reuse": _as_list(data.get("reuse", []))}
+    if not isinstance(settings["jobs"], int) or settings["jobs"] < 1:
+        raise SweepError(f"{path}: jobs must be an integer >= 1, got {settings['jobs']!r}")
+    known = _flag_names() - FORBIDDEN
+    defaults = data.get("defaults", {})
+    variants = data.get("variants") or {"prilora": {"method": "prilora"}}
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise SweepError(f"{path}: needs at least one [[stages]] entry with task and seed lists")
+    where = {"defaults": defaults, **{f"variants.{v}": f for v, f in variants.items()}}
+    for label, flags in where.items():
+        if not isinstance(flags, dict):
+            raise SweepError(f"{path}: {label} must be a table of flags")
+        for key, value in flags.items():
+            if key not in known:
+                raise SweepError(f"{path}: {label}.{key} is not a flag of prilora train (see prilora train --help)")
+            if isinstance(value, list) and key not in ("target-modules", "rank-schedule"):
+                raise SweepError(f"{path}: {label}.{key} is a list: lists (grid axes) belong in a stage")
+    runs: list[PlannedRun] = []
+    stage_names = []
+    per_task: dict[str, list[PlannedRun]] = {}
+    for i, stage in enumerate(stages):
+        sname = stage.get("name", f"stage{i + 1}")
+        if sname in stage_names or not re.fullmatch(r"[A-Za-z0-9._-]+", sname):
+            raise SweepError(f"{path}: stage name {sname!r} is repeated or not a plain name")
+        stage_names.append(sname)
+        for key in ("task", "seed"):
+            if key not in stage:
+                raise SweepError(f"{path}: stage {sname!r} needs {key} (a value or a list)")
+        bad = [k for k in stage if k not in STAGE_KEYS and k not in known]
+        if bad:
+            raise SweepError(f"{path}: stage {sname!r}: {bad[0]} is not a flag of prilora train nor a stage key "
+                             f"({', '.join(sorted(STAGE_KEYS))})")
+        chosen = _as_list(stage.get("variants", list(variants)))
+        missing = [v for v in chosen if v not in variants]
+        if missing:
+            raise SweepError(f"{path}: stage {sname!r} names variant {missing[0]!r}, which [variants] does not define")
+        axes_keys = [k for k in stage if k not in STAGE_KEYS]
+        for task, variant in itertools.product(_as_list(stage["task"]), chosen):
+            fixed = {**defaults, **variants[variant]}
+            values = {}
+            for key in axes_keys:
+                value = stage[key]
+                if isinstance(value, dict):  # per variant, "*" for the others
+                    if variant not in value and "*" not in value:
+                        continue
+                    value = value.get(variant, value.get("*"))
+                if key in variants[variant]:
+                    raise SweepError(f"{path}: {key} is set both by variant {variant!r} and by stage {sname!r}")
+                values[key] = value
+            for v in values.values():
+                if isinstance(v, str) and v.startswith(SELECT) and v[len(SELECT):] not in stage_names[:-1]:
+                    raise SweepError(f"{path}: stage {sname!r}: {v!r} must name an earlier stage")
+            grid = {k: _as_list(v) for k, v in values.items() if isinstance(v, list)}
+            for combo in itertools.product(*grid.values()):
+                axes = dict(zip(grid, combo))
+                for seed in _as_list(stage["seed"]):
+                    flags = {**fixed, **values, **axes, "task": task, "seed": seed}
+                    tag = ",".join(f"{k}={_fmt(v)}" for k, v in axes.items())
+                    rid = f"{sname}/{task}/{variant}/{tag + '-' if tag else ''}s{seed}"
+                    per_task.setdefault(str(task), []).append(
+                        PlannedRun(rid, sname, str(task), variant, int(seed), flags, axes=axes))
+    for task_runs in per_task.values():
+        runs.extend(task_runs)
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise SweepError(f"{path}: run {dup} is planned twice (a list with a repeated value?)")
+    return settings, runs
+
+
+def train_argv(flags: dict, output_dir: str) -> list[str]:
+    argv = ["train"]
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", _fmt(value)]
+    return argv + ["--output-dir", output_dir]
+
+
+def run_spec_of(flags: dict, output_dir: str) -> dict:
+    """The RunSpec `prilora train` would build for these flags, as JSON (raises SweepError)."""
+    from ..cli import UsageError, build_parser, build_spec
+
+    try:
+        args = build_parser().parse_args(train_argv(flags, output_dir))
+        return json.loads(json.dumps(finite_or_none(build_spec(args).to_dict())))
+    except (UsageError, RunError) as e:
+        raise SweepError(str(e).removeprefix("prilora train: error: ")) from None
+
+
+SPEC_FIELDS = ("task", "method", "model", "seed", "recipe_name", "recipe", "prilora", "adalora", "max_steps",
+               "data_source", "holdout")
+
+
+def spec_of_result(line: dict) -> dict:
+    return {k: line.get(k) for k in SPEC_FIELDS}
+
+
+def read_lines(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for n, text in enumerate(f, 1):
+            if text.strip():
+                try:
+                    out.append(json.loads(text))
+                except json.JSONDecodeError:
+                    raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
+    return out
+
+
+def score_of(line: dict) -> float:
+    """Collapsed runs and missing scores rank below everything."""
+    s = (line.get("metrics") or {}).get("score")
+    return float("-inf") if line.get("collapsed") or s is None else s
+
+
+def select_values(candidates: list[dict], keys: list[str]) -> tuple[dict, dict]:
+    """Pick the values of ``keys`` whose runs score best on average (ties: the first in the grid).
+    Returns the choice and the mean score of every candidate value."""
+    groups: dict[tuple, list[float]] = {}
+    for line in candidates:
+        axes = line["sweep"]["axes"]
+        groups.setdefault(tuple(json.dumps(axes.get(k)) for k in keys), []).append(score_of(line))
+    means = {g: sum(v) / len(v) for g, v in groups.items()}
+    best = max(means, key=lambda g: means[g])  # max keeps the first of equal values
+    return dict(zip(keys, (json.loads(v) for v in best))), {",".join(g): m for g, m in means.items()}
+
+
+class Sweep:
+    def __init__(self, spec_path: str, jobs: int | None = None, stream=sys.stderr):
+        self.path = spec_path
+        self.settings, self.runs = plan(load_spec_file(spec_path), spec_path)
+        self.jobs = jobs or self.settings["jobs"]
+        self.out = self.settings["output"]
+        self.stream = stream
+        self.failed: dict[str, str] = {}
+
+    def log(self, text: str) -> None:
+        print(f"sweep {self.settings['name']}: {text}", file=self.stream, flush=True)
+
+    def folder(self, run: PlannedRun) -> str:
+        return os.path.join(self.settings["runs_dir"], run.id)
+
+    def check(self) -> None:
+        """Every run's flags must be accepted by `prilora train` before anything starts."""
+        for run in self.runs:
+            flags = {k: v for k, v in run.flags.items() if k not in run.selects}
+            try:
+                spec = run_spec_of(flags, self.folder(run))
+            except SweepError as e:
+                raise SweepError(f"{self.path}: run {run.id}: {e}") from None
+            if not run.selects:
+                run.spec = spec
+
+    def resolve(self, run: PlannedRun, done: dict[str, PlannedRun]) -> bool:
+        """Fill in values chosen from earlier stages; False while those stages are unfinished."""
+        if run.spec is not None:
+            return True
+        flags, run.selection = dict(run.flags), {}
+        for stage in sorted(set(run.selects.values())):
+            keys = [k for k, s in run.selects.items() if s == stage]
+            source = [r for r in self.runs if r.stage == stage and r.task == run.task and r.variant == run.variant]
+            if not source:
+                raise SweepError(f"{self.path}: run {run.id} selects {', '.join(keys)} from stage {stage!r}, "
+                                 f"which has no {run.task}/{run.variant} runs")
+            if any(r.id not in done for r in source):
+                return False
+            choice, means = select_values([done[r.id].line for r in source], keys)
+            flags.update(choice)
+            run.selection[stage] = {"chosen": choice, "mean_score": means, "runs": len(source)}
+        run.flags = flags
+        run.spec = run_spec_of(flags, self.folder(run))
+        return True
+
+    def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
+        argv = train_argv(run.flags, self.folder(run))
+        result["sweep"] = {"spec": self.path, "name": self.settings["name"], "stage": run.stage,
+                           "variant": run.variant, "run": run.id, "axes": {k: run.flags[k] for k in run.axes},
+                           "selected": run.selection or None,
+                           "command": "prilora " + " ".join(argv), "reused_from": reused_from}
+        run.line = result
+        if not write:
+            return
+        os.makedirs(os.path.dirname(self.out) or ".", exist_ok=True)
+        with open(self.out, "a") as f:
+            f.write(json.dumps(finite_or_none(result), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def collect_done(self, write: bool = True) -> dict[str, PlannedRun]:
+        """Runs already in the output file, in a reuse file, or finished in their folder (appended to the
+        output file unless ``write`` is false)."""
+        recorded = {line["sweep"]["run"]: line for line in read_lines(self.out) if "sweep" in line}
+        reusable = [(p, line) for p in self.settings["reuse"] for line in read_lines(p)]
+        done: dict[str, PlannedRun] = {}
+        changed = True
+        while changed:  # resolving a selection can make later runs' specs known
+            changed = False
+            for run in self.runs:
+                if run.id in done or not self.resolve(run, done):
+                    continue
+                line = recorded.get(run.id)
+                if line is not None:
+                    if spec_of_result(line) != run.spec:
+                        diff = [k for k in SPEC_FIELDS if line.get(k) != run.spec.get(k)]
+                        raise SweepError(f"{self.out} holds run {run.id} with other settings ({', '.join(diff)}): "
+                                         "the spec changed; rename the stage, or use a new output file")
+                    run.line = line
+                else:
+                    found = next(((p, dict(l)) for p, l in reusable if spec_of_result(l) == run.spec), None)
+                    results = os.path.join(self.folder(run), RESULTS_FILE)
+                    if found:
+                        found[1].pop("sweep", None)
+                        self.record(run, found[1], reused_from=found[0], write=write)
+                    elif os.path.isfile(results):
+                        with open(results) as f:
+                            line = json.load(f)
+                        if spec_of_result(line) != run.spec:
+                            raise SweepError(f"{self.folder(run)} holds a finished run with other settings: "
+                                             "move it away, or use another runs_dir")
+                        self.record(run, line, write=write)
+                    else:
+                        continue
+                done[run.id] = run
+                changed = True
+        return done
+
+    def estimate(self, todo: list[PlannedRun], done: dict[str, PlannedRun]) -> str:
+        times: dict[tuple, list[float]] = {}
+        for r in done.values():
+            t = r.line.get("train_runtime_s")
+            if t:
+                times.setdefault((r.task, r.line.get("method")), []).append(t)
+                times.setdefault((r.task,), []).append(t)
+                times.setdefault((), []).append(t)
+        if not times:
+            return "no estimate yet"
+        method = lambda r: (r.spec or run_spec_of(  # noqa: E731
+            {k: v for k, v in r.flags.items() if k not in r.selects}, "x"))["method"]
+        total = 0.0
+        for r in todo:
+            for key in ((r.task, method(r)), (r.task,), ()):
+                if key in times:
+                    total += sum(times[key]) / len(times[key])
+                    break
+        left = total / self.jobs
+        return f"about {left / 3600:.1f} h" if left >= 3600 else f"about {left / 60:.0f} min" + \
+            f" left at {self.jobs} run(s) at a time"
+
+    def start(self, run: PlannedRun, threads: int) -> subprocess.Popen:
+        folder = self.folder(run)
+        argv = train_argv(run.flags, folder) + ["--quiet"]
+        if os.path.isfile(os.path.join(folder, RUN_FILE)):
+            argv.append("--resume")
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        log = open(folder + ".log", "a")
+        log.write(f"$ prilora {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "prilora.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        log.close()
+        return proc
+
+    def run(self, dry_run: bool = False) -> int:
+        self.check()
+        done = self.collect_done(write=not dry_run)
+        todo = [r for r in self.runs if r.id not in done]
+        self.log(f"{len(self.runs)} runs, {len(done)} done, {len(todo)} to run -> {self.out}"
+                 + (f"; {self.estimate(todo, done)}" if todo else ""))
+        if dry_run:
+            for r in self.runs:
+                state = ("done" + (f" (reused from {r.line['sweep']['reused_from']})"
+                                   if r.line["sweep"].get("reused_from") else "")) if r.id in done else ("waits for " + ", ".join(sorted(set(r.selects.values())))
+                                                     if r.spec is None else "to run")
+                print(f"{r.id}\t{state}")
+            return 0
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        running: dict[str, tuple[PlannedRun, subprocess.Popen, float]] = {}
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):
+            stop["signal"] = signum
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while (todo or running) and stop["signal"] is None:
+                while len(running) < self.jobs:
+                    ready = next((r for r in todo if self._ready(r, done)), None)
+                    if ready is None:
+                        break
+                    todo.remove(ready)
+                    running[ready.id] = (ready, self.start(ready, threads), time.time())
+                    self.log(f"started {ready.id} ({len(running)} running)")
+                if not running:
+                    break
+                time.sleep(1)
+                for rid, (run, proc, t0) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[rid]
+                    self._finish(run, proc.returncode, time.time() - t0, done)
+                    self.log(f"{len(done)}/{len(self.runs)} done, {len(running)} running, {len(todo)} waiting"
+                             + (f"; {self.estimate(todo + [r for r, _, _ in running.values()], done)}"
+                                if todo or running else ""))
+        finally:
+            for run, proc, _ in running.values():
+                proc.send_signal(signal.SIGINT)  # prilora train exits cleanly on SIGINT; checkpoints stay
+            for run, proc, _ in running.values():
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if stop["signal"] is not None:
+            self.log(f"interrupted: {len(done)}/{len(self.runs)} done; run the same command again to continue")
+            return 130
+        blocked = [r.id for r in todo]
+        for rid, why in self.failed.items():
+            self.log(f"FAILED {rid}: {why}")
+        if blocked:
+            self.log(f"{len(blocked)} runs wait for failed runs of an earlier stage: {', '.join(blocked[:3])}"
+                     + (" ..." if len(blocked) > 3 else ""))
+        if self.failed or blocked:
+            return 1
+        self.log(f"finished: {len(done)} runs in {self.out}")
+        return 0
+
+    def _ready(self, run: PlannedRun, done: dict) -> bool:
+        for stage in set(run.selects.values()):
+            if any(r.id in self.failed for r in self.runs
+                   if r.stage == stage and r.task == run.task and r.variant == run.variant):
+                return False
+        return self.resolve(run, done)
+
+    def _finish(self, run: PlannedRun, rc: int, seconds: float, done: dict) -> None:
+        results = os.path.join(self.folder(run), RESULTS_FILE)
+        if rc == 0 and os.path.isfile(results):
+            with open(results) as f:
+                self.record(run, json.load(f))
+            done[run.id] = run
+            for checkpoint in glob.glob(os.path.join(self.folder(run), "checkpoint-*")):
+                shutil.rmtree(checkpoint)  # only needed to resume; the run saved its adapter (or model)
+            score = run.line["metrics"].get("score")
+            self.log(f"finished {run.id} in {seconds / 60:.1f} min: score "
+                     f"{'null' if score is None else f'{100 * score:.2f}'}"
+                     + (" (collapsed)" if run.line.get("collapsed") else ""))
+            return
+        last = ""
+        try:
+            with open(self.folder(run) + ".log") as f:
+                lines = [line.strip() for line in f if line.strip()]
+            last = lines[-1] if lines else ""
+        except OSError:
+            pass
+        self.failed[run.id] = f"exit code {rc}: {last} (log: {self.folder(run)}.log)"
