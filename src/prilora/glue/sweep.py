@@ -244,7 +244,7 @@ def select_values(candidates: list[dict], keys: list[str]) -> tuple[dict, dict]:
 
 
 class Sweep:
-    def __init__(self, spec_path: str, jobs: int | None = None, stream=sys.stderr):
+    def __init__(self, spec_path: str, jobs: int | None = None, stream=None):
         self.path = spec_path
         self.settings, self.runs = plan(load_spec_file(spec_path), spec_path)
         self.jobs = jobs or self.settings["jobs"]
@@ -253,7 +253,7 @@ class Sweep:
         self.failed: dict[str, str] = {}
 
     def log(self, text: str) -> None:
-        print(f"sweep {self.settings['name']}: {text}", file=self.stream, flush=True)
+        print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
 
     def folder(self, run: PlannedRun) -> str:
         return os.path.join(self.settings["runs_dir"], run.id)

@@ -1,0 +1,168 @@
+"""`prilora sweep`: planning, selection from an earlier stage, skipping, reuse, and spec errors."""
+
+import json
+
+import pytest
+
+from prilora.cli import main
+from prilora.glue.sweep import Sweep, select_values
+
+
+def write_spec(tmp_path, tiny_model_dir, glue_dir, extra_defaults="", stages=None, name="t"):
+    stages = stages or """
+[[stages]]
+name = "lr"
+task = "rte"
+seed = 0
+holdout = 16
+learning-rate = { "*" = [1e-3, 3e-2], full = [1e-4] }
+
+[[stages]]
+name = "dev"
+task = "rte"
+seed = [0, 1]
+learning-rate = "select:lr"
+"""
+    spec = tmp_path / f"{name}.toml"
+    spec.write_text(f"""
+name = "{name}"
+output = "{tmp_path / 'results' / name}.jsonl"
+runs_dir = "{tmp_path / 'runs'}"
+jobs = 2
+
+[defaults]
+model = "{tiny_model_dir}"
+data-dir = "{glue_dir}"
+max-train-samples = 32
+max-eval-samples = 16
+max-steps = 2
+batch-size = 8
+{extra_defaults}
+
+[variants.prilora]
+method = "prilora"
+prune-interval = 1
+
+[variants.lora]
+method = "lora"
+
+[variants.full]
+method = "full"
+{stages}""")
+    return spec
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_plan_ids_and_dry_run(tmp_path, tiny_model_dir, glue_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
+    sweep = Sweep(str(spec))
+    assert [r.id for r in sweep.runs] == [
+        "lr/rte/prilora/learning-rate=0.001-s0", "lr/rte/prilora/learning-rate=0.03-s0",
+        "lr/rte/lora/learning-rate=0.001-s0", "lr/rte/lora/learning-rate=0.03-s0",
+        "lr/rte/full/learning-rate=0.0001-s0",
+        "dev/rte/prilora/s0", "dev/rte/prilora/s1", "dev/rte/lora/s0", "dev/rte/lora/s1",
+        "dev/rte/full/s0", "dev/rte/full/s1"]
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "lr/rte/prilora/learning-rate=0.001-s0\tto run" and out[-1] == "dev/rte/full/s1\twaits for lr"
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sweep_runs_selects_skips_and_reuses(tmp_path, tiny_model_dir, glue_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
+    assert main(["sweep", str(spec)]) == 0
+    out = tmp_path / "results" / "t.jsonl"
+    rows = lines(out)
+    assert len(rows) == 11 and len({r["sweep"]["run"] for r in rows}) == 11
+    by_id = {r["sweep"]["run"]: r for r in rows}
+    for variant, rates in (("prilora", [1e-3, 3e-2]), ("lora", [1e-3, 3e-2]), ("full", [1e-4])):
+        # Independent choice: best holdout score (collapsed last), first listed on ties.
+        lr_rows = [by_id[f"lr/rte/{variant}/learning-rate={lr:g}-s0"] for lr in rates]
+        keyed = [(-1e9 if r["collapsed"] else r["metrics"]["score"], -i) for i, r in enumerate(lr_rows)]
+        best = rates[keyed.index(max(keyed))]
+        for seed in (0, 1):
+            dev = by_id[f"dev/rte/{variant}/s{seed}"]
+            assert dev["learning_rate"] == best and dev["seed"] == seed and dev["holdout"] is None
+            assert dev["sweep"]["selected"]["lr"]["chosen"] == {"learning-rate": best}
+            assert dev["eval_examples"] == {"dev": 16}
+        assert all(r["eval_examples"] == {"holdout": 16} for r in lr_rows)
+    assert by_id["dev/rte/full/s0"]["method"] == "full"
+    assert by_id["lr/rte/prilora/learning-rate=0.001-s0"]["sweep"]["command"].startswith(
+        "prilora train --model ")
+    # Checkpoints of finished runs are gone; the adapter stays.
+    run_dir = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0"
+    assert (run_dir / "adapter_model.safetensors").exists() and not list(run_dir.glob("checkpoint-*"))
+    # Running again does nothing.
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    assert len(lines(out)) == 11 and "11 runs, 11 done, 0 to run" in capsys.readouterr().err
+    # Another spec reusing these results: identical runs count as done without running.
+    other = write_spec(tmp_path, tiny_model_dir, glue_dir, name="u", stages="""
+[[stages]]
+name = "again"
+task = "rte"
+seed = [0, 1]
+variants = ["lora"]
+holdout = 16
+learning-rate = 1e-3
+""")
+    other.write_text(other.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{out}"]'))
+    assert main(["sweep", str(other)]) == 0
+    again = {r["sweep"]["run"]: r for r in lines(tmp_path / "results" / "u.jsonl")}
+    assert again["again/rte/lora/s0"]["sweep"]["reused_from"] == str(out)
+    assert again["again/rte/lora/s0"]["metrics"] == by_id["lr/rte/lora/learning-rate=0.001-s0"]["metrics"]
+    assert again["again/rte/lora/s1"]["sweep"]["reused_from"] is None  # seed 1 had to run
+    assert not (tmp_path / "runs" / "again" / "rte" / "lora" / "s0").exists()
+    # A spec changed under recorded results is an error, not a silent mix.
+    spec.write_text(spec.read_text().replace("max-steps = 2", "max-steps = 3"))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds run lr/rte/prilora/learning-rate=0.001-s0 with other settings (max_steps)" in err and "\n" not in err
+
+
+def test_selection_ranks_collapsed_last_and_keeps_grid_order():
+    def line(lr, score, collapsed=False):
+        return {"sweep": {"axes": {"learning-rate": lr}}, "metrics": {"score": score}, "collapsed": collapsed}
+
+    chosen, means = select_values([line(1e-3, 0.5), line(2e-3, 0.9, collapsed=True), line(5e-4, 0.5)],
+                                  ["learning-rate"])
+    assert chosen == {"learning-rate": 1e-3}
+    assert means["0.002"] == float("-inf")
+    chosen, _ = select_values([line(1e-3, 0.5), line(1e-3, 0.7), line(5e-4, 0.61)], ["learning-rate"])
+    assert chosen == {"learning-rate": 5e-4}  # means 0.6 vs 0.61
+
+
+@pytest.mark.parametrize("change, message", [
+    ('\n[variants.bad]\nmethod = "lora"\nprune-ratio = 0.5\n',
+     "run lr/rte/bad/learning-rate=0.001-s0: --prune-ratio does not apply to --method lora"),
+    ('\n[variants.bad]\nmethod = "lora"\nno-such-flag = 1\n', "variants.bad.no-such-flag is not a flag of prilora train"),
+    ('\n[variants.bad]\nmethod = "lora"\nholdout = 8\n', "holdout is set both by variant 'bad' and by stage 'lr'"),
+    ('\n[variants.bad]\nmethod = "lora"\nepochs = "many"\n', "argument --epochs: invalid float value: 'many'"),
+])
+def test_bad_specs_fail_before_running(tmp_path, tiny_model_dir, glue_dir, capsys, change, message):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
+    spec.write_text(spec.read_text().replace("[[stages]]", change + "\n[[stages]]", 1))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_spec_file_errors(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "none.toml")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.toml not found")
+    (tmp_path / "s.toml").write_text("name = [\n")
+    assert main(["sweep", str(tmp_path / "s.toml")]) == 2
+    assert "s.toml: cannot parse:" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text("name: x\nstages:\n  - name: later\n    task: rte\n    seed: 0\n"
+                                     "    learning-rate: 'select:later'\n")
+    assert main(["sweep", str(tmp_path / "s.yaml")]) == 2
+    assert "'select:later' must name an earlier stage" in capsys.readouterr().err
+    (tmp_path / "n.toml").write_text('name = "x"\n')
+    assert main(["sweep", str(tmp_path / "n.toml")]) == 2
+    assert "needs at least one [[stages]] entry" in capsys.readouterr().err
