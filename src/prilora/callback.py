@@ -10,6 +10,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .pruning import STATE_FILE, PriLoraPruner
 
 
+def refuse_sharded_parameters(args) -> None:
+    """FSDP and DeepSpeed ZeRO stage 3 shard each LoRA matrix across processes, so no process sees a
+    whole row of A to rank: refuse at the start rather than prune wrongly. ZeRO 1-2 and DDP keep
+    whole parameters on every process and work."""
+    if getattr(args, "fsdp", None):
+        raise ValueError("PRILoRA does not support FSDP (it shards the LoRA matrices that pruning ranks): "
+                         "train with DDP (torchrun / accelerate launch) or DeepSpeed ZeRO stage 1 or 2")
+    ds = getattr(args, "hf_deepspeed_config", None)
+    stage = ds.config.get("zero_optimization", {}).get("stage") if ds is not None else None
+    if stage == 3:
+        raise ValueError("PRILoRA does not support DeepSpeed ZeRO stage 3 (it shards the LoRA matrices that "
+                         "pruning ranks): use ZeRO stage 1 or 2, or DDP")
+
+
 class PriLoraCallback(TrainerCallback):
     """Drives a :class:`PriLoraPruner` from ``transformers.Trainer``.
 
@@ -26,6 +40,7 @@ class PriLoraCallback(TrainerCallback):
         self.resume_from = resume_from
 
     def on_train_begin(self, args, state, control, **kwargs):
+        refuse_sharded_parameters(args)
         self.pruner.set_total_steps(state.max_steps)
         if state.global_step > 0 and self.pruner.global_step != state.global_step:
             folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -25,8 +25,9 @@ from .architectures import ENCODER_MODEL_TYPES
 from .callback import PriLoraCallback
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
-from .run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, machine, missing_local_folder, versions,
-                         write_json_atomic)
+from .run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, is_main_process, launched_world_size,
+                         machine, micro_batch_size, missing_local_folder, precision_args, versions,
+                         wait_for_main_process, write_json_atomic)
 
 HOLDOUT_SEED = 20240101
 
@@ -50,6 +51,7 @@ class ClmSpec:
     warmup: float = 0.03
     weight_decay: float = 0.0
     max_steps: int | None = None
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,41 +156,50 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     replace, resume_from = check_output_dir(paths, spec)
     tokenizer = load_tokenizer(spec)
     train_blocks, eval_blocks, train_tokens = load_blocks(spec, tokenizer)
+    micro = micro_batch_size(spec.batch_size, paths.gradient_accumulation)
+    mixed = precision_args(spec.precision)
     set_seed(spec.seed)
     base = AutoModelForCausalLM.from_pretrained(spec.model)
     model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
-    if replace:
-        shutil.rmtree(paths.output_dir)
-    os.makedirs(paths.output_dir, exist_ok=True)
-    if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
-        write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict()})
+    main = is_main_process()
+    if main:
+        if replace:
+            shutil.rmtree(paths.output_dir)
+        os.makedirs(paths.output_dir, exist_ok=True)
+        if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
+            write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict()})
 
     steps_per_epoch = math.ceil(len(train_blocks) / spec.batch_size)
     warmup = int(spec.warmup) if spec.warmup >= 1 else spec.warmup
     args = TrainingArguments(
         output_dir=paths.output_dir, seed=spec.seed, learning_rate=spec.learning_rate, num_train_epochs=spec.epochs,
-        max_steps=spec.max_steps or -1, per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size, warmup_steps=warmup, weight_decay=spec.weight_decay,
+        max_steps=spec.max_steps or -1, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=paths.gradient_accumulation, per_device_eval_batch_size=micro, warmup_steps=warmup, weight_decay=spec.weight_decay,
         lr_scheduler_type="linear", eval_strategy="no",
         save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
         save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False, report_to=[], disable_tqdm=paths.quiet,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[PriLoraCallback(pruner)])
-    print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "
-          f"of {spec.block_size} tokens, {len(eval_blocks)} evaluation blocks; lr {spec.learning_rate:g}, "
-          f"{spec.epochs:g} epochs, batch {spec.batch_size}" + (f"; resuming from {resume_from}" if resume_from else ""),
-          file=sys.stderr, flush=True)
+    wait_for_main_process()  # the output folder exists before any process trains
+    if main:
+        print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "
+              f"of {spec.block_size} tokens, {len(eval_blocks)} evaluation blocks; lr {spec.learning_rate:g}, "
+              f"{spec.epochs:g} epochs, batch {spec.batch_size}, {spec.precision}"
+              + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     before = trainer.evaluate()["eval_loss"]
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
     after = trainer.evaluate()["eval_loss"]
+    replicas = pruner.check_replicas()
+    if not main:
+        return {}
     model.save_pretrained(paths.output_dir)
     tokenizer.save_pretrained(paths.output_dir)
     counts = parameter_counts(model)
@@ -203,7 +214,9 @@ def run_clm(spec: ClmSpec, paths) -> dict:
                     "initial_perplexity": perplexity(before)},
         "train_loss": output.training_loss, "loss_curve": loss_curve(trainer.state.log_history),
         "lora_params": counts["lora"], "ranks": list(model.prilora_ranks), "a_sparsity": pruner.sparsity()["A"],
-        "steps": trainer.state.global_step, "resumed_from": os.path.basename(resume_from) if resume_from else None,
+        "steps": trainer.state.global_step, "precision": spec.precision, "world_size": launched_world_size(),
+        "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
+        "replicas_identical": True if replicas > 1 else None, "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -51,6 +51,8 @@ PRILORA_FLAGS = {  # flag: (PriLoraConfig field, type, help)
     "--prune-scope": ("prune_scope", str, "row (each rank component keeps its own inputs; default) or matrix"),
     "--prune-criterion": ("prune_criterion", str, "importance (default), magnitude, random or none"),
     "--prune-matrix": ("prune_matrix", str, "A (default) or B"),
+    "--stats-sync": ("stats_sync", str, "multi-process: event (default; combine norms at pruning events) or step "
+                                        "(all-reduce every step)"),
 }
 ADAPTER_FLAGS = {
     "--lora-alpha": ("lora_alpha", float, "LoRA alpha (default: the recipe's)"),
@@ -112,6 +114,10 @@ def _add_run_flags(parser) -> None:
     run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
     run.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (0: all; default 1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                     help="fp32 (default), or bf16 / fp16 autocast (fp16 needs a GPU); statistics stay fp32")
+    run.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+                     help="split each batch into N micro-batches (same optimizer steps, less memory; default 1)")
 
 
 CLM_RECIPE = {  # flag: (ClmSpec field, type, default, help)
@@ -253,7 +259,8 @@ def build_spec(args):
     if args.method == "full" and "learning_rate" in overrides:
         overrides["full_learning_rate"] = overrides.pop("learning_rate")
     for name, value, rule in (("--max-steps", args.max_steps, 1), ("--save-steps", args.save_steps, 1),
-                              ("--keep-checkpoints", args.keep_checkpoints, 0)):
+                              ("--keep-checkpoints", args.keep_checkpoints, 0),
+                              ("--gradient-accumulation", args.gradient_accumulation, 1)):
         if value is not None and value < rule:
             raise RunError(f"{name} must be >= {rule}, got {value}")
     if args.holdout is not None and args.holdout <= 0:
@@ -265,7 +272,7 @@ def build_spec(args):
     adapter = {"lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
     spec = RunSpec(task=task.name, method=args.method, model=args.model, seed=args.seed, recipe_name=family,
                    recipe=recipe, max_steps=args.max_steps, data_source="tsv" if args.data_dir else "hub",
-                   holdout=args.holdout)
+                   holdout=args.holdout, precision=args.precision)
     try:
         if args.method in ("prilora", "lora"):
             spec.prilora = prilora_config(args, adapter, "SEQ_CLS").to_dict()
@@ -307,7 +314,8 @@ def prilora_config(args, adapter: dict, task_type: str):
                          prune_criterion="none", **options)
 
 
-PRUNING_FIELDS = ("prune_ratio", "prune_interval", "prune_start", "prune_end", "ema_beta", "prune_scope", "prune_matrix")
+PRUNING_FIELDS = ("prune_ratio", "prune_interval", "prune_start", "prune_end", "ema_beta", "prune_scope", "prune_matrix",
+                  "stats_sync")
 
 
 def _refuse_idle_flags(config, given: dict) -> None:
@@ -325,8 +333,9 @@ def _refuse_idle_flags(config, given: dict) -> None:
         if idle:
             raise ValueError(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with {why} "
                              "(no pruning)")
-    elif config.prune_criterion != "importance" and "ema_beta" in given:
-        raise ValueError(f"--ema-beta has no effect with --prune-criterion {config.prune_criterion} "
+    elif config.prune_criterion != "importance" and ("ema_beta" in given or "stats_sync" in given):
+        idle = "--ema-beta" if "ema_beta" in given else "--stats-sync"
+        raise ValueError(f"{idle} has no effect with --prune-criterion {config.prune_criterion} "
                          "(no input statistics)")
 
 
@@ -336,8 +345,10 @@ def cmd_train(args) -> int:
     spec = build_spec(args)
     paths = RunPaths(output_dir=args.output_dir, data_dir=args.data_dir, resume=args.resume,
                      overwrite=args.overwrite, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints,
-                     quiet=args.quiet)
+                     quiet=args.quiet, gradient_accumulation=args.gradient_accumulation)
     results = run_glue(spec, paths)
+    if not results:  # not the main process of a multi-process launch
+        return 0
     summary = {k: results[k] for k in ("task", "method", "seed", "steps", "lora_params", "a_sparsity",
                                        "collapsed", "train_runtime_s")}
     summary["score"] = results["metrics"]["score"]
@@ -354,7 +365,8 @@ def cmd_train_clm(args) -> int:
     recipe = {dest: getattr(args, f"clm_{dest}") for dest, *_ in CLM_RECIPE.values()}
     for name, value, rule in (("--max-steps", args.max_steps, 1), ("--save-steps", args.save_steps, 1),
                               ("--keep-checkpoints", args.keep_checkpoints, 0), ("--block-size", recipe["block_size"], 1),
-                              ("--batch-size", recipe["batch_size"], 1)):
+                              ("--batch-size", recipe["batch_size"], 1),
+                              ("--gradient-accumulation", args.gradient_accumulation, 1)):
         if value is not None and value < rule:
             raise RunError(f"{name} must be >= {rule}, got {value}")
     if not recipe["learning_rate"] > 0 or not recipe["epochs"] > 0:
@@ -368,10 +380,13 @@ def cmd_train_clm(args) -> int:
         raise RunError(str(e)) from None
     spec = ClmSpec(model=args.model, train_file=args.train_file, method=args.method, prilora=config.to_dict(),
                    seed=args.seed, eval_file=args.eval_file, text_field=args.text_field, holdout=args.holdout,
-                   max_steps=args.max_steps, **recipe)
+                   max_steps=args.max_steps, precision=args.precision, **recipe)
     paths = RunPaths(output_dir=args.output_dir, data_dir=None, resume=args.resume, overwrite=args.overwrite,
-                     save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet)
+                     save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet,
+                     gradient_accumulation=args.gradient_accumulation)
     results = run_clm(spec, paths)
+    if not results:  # not the main process of a multi-process launch
+        return 0
     print(json.dumps({k: results[k] for k in ("method", "seed", "steps", "lora_params", "a_sparsity", "metrics",
                                               "train_runtime_s")}))
     return 0

@@ -19,6 +19,7 @@ PRUNE_SCOPES = ("row", "matrix")
 PRUNE_CRITERIA = ("importance", "magnitude", "random", "none")
 PRUNE_MATRICES = ("A", "B")
 ALPHA_POLICIES = ("constant_scaling", "constant_alpha")
+STATS_SYNC = ("event", "step")
 
 StepSpec = Union[int, float]
 
@@ -54,6 +55,15 @@ class PriLoraConfig:
         prune_criterion: "importance" (|W| x input norm), "magnitude", "random", "none".
         prune_matrix: "A" (the paper) or "B" (ablation).
         seed: seed of the "random" criterion.
+
+    Multi-process training (torch.distributed; no effect in one process)
+        stats_sync: "event" (default): at each pruning event the processes' norms are combined
+            (root of the sum of squares, one all-reduce), so every replica prunes the same
+            weights, with no communication on other steps; equal to one process on the
+            concatenated batch when the per-step norms are steady (exactly so for ema_beta=0).
+            "step": every optimizer step's squared norms are summed across processes before
+            the EMA update (one all-reduce per step): equal to one process on the
+            concatenated batch for any ema_beta.
     """
 
     # rank schedule
@@ -81,6 +91,7 @@ class PriLoraConfig:
     prune_criterion: str = "importance"
     prune_matrix: str = "A"
     seed: int = 0
+    stats_sync: str = "event"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank_schedule, str):
@@ -104,6 +115,7 @@ class PriLoraConfig:
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
         _check_choice("prune_criterion", self.prune_criterion, PRUNE_CRITERIA)
         _check_choice("prune_matrix", self.prune_matrix, PRUNE_MATRICES)
+        _check_choice("stats_sync", self.stats_sync, STATS_SYNC)
         if not _is_real(self.prune_ratio) or not 0 <= self.prune_ratio < 1:
             raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio!r}")
         if not _is_real(self.ema_beta) or not 0 <= self.ema_beta < 1:

@@ -57,6 +57,13 @@ def importance_scores(
     raise ValueError(f"no scores for prune criterion {criterion!r}")
 
 
+def world_size() -> int:
+    """Processes of the default torch.distributed group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def keep_mask(scores: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
     """Boolean mask that drops exactly ``int(ratio * n)`` lowest scores per row (or per matrix)."""
     mask = torch.ones_like(scores, dtype=torch.bool)
@@ -135,6 +142,8 @@ class PriLoraPruner:
         if not self.config.prunes:
             return
         if self.stats.accs and not self._masks:
+            if self.config.stats_sync == "step" and world_size() > 1:
+                self.stats.all_reduce_accs()
             self.stats.update()
         if self._masks:
             self._apply_masks()
@@ -145,10 +154,10 @@ class PriLoraPruner:
     def prune(self, hold: bool = False) -> None:
         """One pruning event on every adapted matrix; ``hold`` keeps its mask from now on."""
         cfg = self.config
-        if cfg.needs_input_norms:
-            self.stats.warn_if_skipped()
+        self._check_not_sharded()
+        all_norms = self._event_norms() if cfg.needs_input_norms else {}
         for site in self.sites:
-            norms = self.stats.norms(site.name) if cfg.needs_input_norms else None
+            norms = all_norms.get(site.name)
             if norms is not None and norms.device != site.weight.device:
                 norms = norms.to(site.weight.device)
             scores = importance_scores(site.weight, cfg.prune_criterion, norms, self._random(site.weight.device))
@@ -157,6 +166,57 @@ class PriLoraPruner:
             if hold:
                 self._masks[site.name] = mask
         self.events += 1
+
+    def _event_norms(self) -> dict[str, torch.Tensor]:
+        """The norms that decide this event, the same on every process: with stats_sync="event" the
+        processes' norms are combined here as the root of their summed squares (one all-reduce; for
+        steady per-step norms this is the norm over all processes' tokens); with "step" they already
+        agree, since every step's sums were all-reduced."""
+        self.stats.warn_if_skipped()
+        norms = {name: self.stats.norms(name) for name in self.stats.emas}
+        if self.config.stats_sync == "event" and world_size() > 1:
+            import torch.distributed as dist
+
+            names = list(norms)
+            flat = torch.cat([norms[n].square() for n in names])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            norms = dict(zip(names, flat.sqrt_().split([norms[n].numel() for n in names])))
+        return norms
+
+    def _check_not_sharded(self) -> None:
+        """ZeRO-3 and FSDP keep only a shard of each matrix on a process: pruning it would rank a
+        fragment. Refuse instead of pruning wrongly."""
+        for site in self.sites:
+            w = site.weight
+            if hasattr(w, "ds_numel") or w.dim() != 2 or w.numel() == 0 or type(w.data).__name__ == "DTensor":
+                raise RuntimeError(
+                    f"PRILoRA cannot prune {site.name!r}: its {site.matrix} matrix is sharded across processes "
+                    f"(DeepSpeed ZeRO stage 3 or FSDP); use DDP, or DeepSpeed ZeRO stage 1 or 2"
+                )
+
+    def replica_fingerprint(self) -> torch.Tensor:
+        """A small float64 summary of every pruned matrix (sum, sum of squares, zeros): equal on all
+        processes when the replicas agree."""
+        rows = []
+        for site in self.sites:
+            w = site.weight.detach().double()
+            rows.append(torch.stack([w.sum(), w.square().sum(), (w == 0).sum().double()]))
+        return torch.stack(rows)
+
+    def check_replicas(self) -> int:
+        """Raise if the processes' pruned matrices differ; returns the number of processes compared."""
+        n = world_size()
+        if n == 1:
+            return 1
+        import torch.distributed as dist
+
+        mine = self.replica_fingerprint().to(self.sites[0].weight.device)
+        gathered = [torch.empty_like(mine) for _ in range(n)]
+        dist.all_gather(gathered, mine)
+        differ = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+        if differ:
+            raise RuntimeError(f"PRILoRA replicas diverged: the adapters of processes {differ} differ from process 0's")
+        return n
 
     def _random(self, device: torch.device) -> torch.Generator | None:
         """Generator of the "random" criterion, on the weights' device (made on first use)."""

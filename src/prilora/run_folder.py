@@ -7,6 +7,7 @@ and results are written atomically as strict JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,50 @@ RUN_FILE, RESULTS_FILE = "run.json", "results.json"
 
 class RunError(Exception):
     """Bad input to a run; the message says what was wrong and what to do (the CLI exits with 2)."""
+
+
+def complete_spec(cls, recorded: dict) -> dict:
+    """A spec recorded by an older version, with the fields added since at their defaults (and its
+    PRILoRA options likewise), so that adding an option does not make old runs look different."""
+    from .config import PriLoraConfig
+
+    out = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    out.update(recorded)
+    if out.get("prilora"):
+        out["prilora"] = json.loads(json.dumps(PriLoraConfig.from_dict(out["prilora"]).to_dict()))
+    return out
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or the only process): the one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_for_main_process() -> None:
+    """A barrier once torch.distributed is up (the Trainer's arguments start it); nothing otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def micro_batch_size(batch_size: int, accumulation: int) -> int:
+    """Per-process micro-batch, so that processes x micro-batches x this = the recipe's batch."""
+    world = launched_world_size()
+    if accumulation < 1 or batch_size % (accumulation * world):
+        raise RunError(f"the batch size {batch_size} does not split into {world} process(es) x "
+                       f"{accumulation} micro-batch(es): pass --batch-size divisible by {accumulation * world}")
+    return batch_size // (accumulation * world)
+
+
+def precision_args(precision: str) -> dict:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RunError("--precision fp16 needs a GPU (fp16 autocast on CPU is not supported): use bf16 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def check_output_dir(paths, spec) -> tuple[bool, str | None]:
@@ -44,7 +89,7 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     if not paths.resume:
         raise RunError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
     with open(run_file) as f:
-        started = json.load(f)["spec"]
+        started = complete_spec(type(spec), json.load(f)["spec"])
     started, wanted = _flatten(started), _flatten(json.loads(json.dumps(spec.to_dict())))
     changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
     if changed:

@@ -78,6 +78,17 @@ class InputNormEMA:
         return self._last_sq
 
     @torch.no_grad()
+    def all_reduce_accs(self, group=None) -> None:
+        """Sum this step's squared norms over all processes (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        names = list(self.accs)
+        flat = torch.cat([self.accs[n] for n in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for name, part in zip(names, flat.split([self.accs[n].numel() for n in names])):
+            self.accs[name].copy_(part)
+
+    @torch.no_grad()
     def update(self) -> None:
         """Fold this step's sums into the EMA; a step with a non-finite value is skipped."""
         self._last_input = self._last_sq = None  # release the cached activation

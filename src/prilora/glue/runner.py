@@ -21,8 +21,9 @@ from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
-from ..run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, finite_or_none, machine, versions,
-                          write_json_atomic)
+from ..run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, finite_or_none, is_main_process,
+                          launched_world_size, machine, micro_batch_size, precision_args, versions,
+                          wait_for_main_process, write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics
@@ -48,6 +49,7 @@ class RunSpec:
     max_steps: int | None = None
     data_source: str = "tsv"
     holdout: float | None = None  # evaluate on this many (or this fraction of) training examples, not dev
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (mixed precision)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -65,6 +67,7 @@ class RunPaths:
     keep_checkpoints: int = 1
     eval_batch_size: int = 64
     quiet: bool = False
+    gradient_accumulation: int = 1  # micro-batches per optimizer step (the recipe's batch is split)
 
 
 def resolve_model(model_id: str) -> str:
@@ -145,14 +148,17 @@ def load_model(spec: RunSpec, path: str, task: Task):
     return model, tokenizer
 
 
-def total_optimizer_steps(num_examples: int, recipe: Recipe, max_steps: int | None) -> int:
-    """What Trainer will compute as max_steps on one process without gradient accumulation."""
+def total_optimizer_steps(num_examples: int, recipe: Recipe, max_steps: int | None, accumulation: int = 1) -> int:
+    """What Trainer will compute as max_steps: the recipe's batch is the global batch (all processes and
+    micro-batches of one optimizer step together)."""
     if max_steps:
         return max_steps
-    return math.ceil(math.ceil(num_examples / recipe.batch_size) * recipe.epochs)
+    per_device = recipe.batch_size // (accumulation * launched_world_size())
+    batches = math.ceil(num_examples / (per_device * launched_world_size()))
+    return math.ceil(max(1, batches // accumulation) * recipe.epochs)
 
 
-def build_model(spec: RunSpec, base, num_train: int):
+def build_model(spec: RunSpec, base, num_train: int, accumulation: int = 1):
     """The trainable model, its extra callbacks and the pruner (None for adalora/full)."""
     recipe = spec.recipe
     if spec.method in ("prilora", "lora"):
@@ -161,7 +167,7 @@ def build_model(spec: RunSpec, base, num_train: int):
     if spec.method == "adalora":
         a = spec.adalora
         try:
-            model = get_adalora_model(base, a, total_optimizer_steps(num_train, recipe, spec.max_steps),
+            model = get_adalora_model(base, a, total_optimizer_steps(num_train, recipe, spec.max_steps, accumulation),
                                       lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
                                       target_modules=a.get("target_modules"))
         except ValueError as e:
@@ -221,14 +227,18 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     replace, resume_from = check_output_dir(paths, spec)
     train_split, eval_splits = load_data(task, paths.data_dir, spec.recipe, spec.holdout)
     path = resolve_model(spec.model)
+    micro = micro_batch_size(spec.recipe.batch_size, paths.gradient_accumulation)
+    mixed = precision_args(spec.precision)
     set_seed(spec.seed)
     base, tokenizer = load_model(spec, path, task)
-    model, callbacks, pruner = build_model(spec, base, len(train_split))
-    if replace:
-        shutil.rmtree(paths.output_dir)
-    os.makedirs(paths.output_dir, exist_ok=True)
-    if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
-        write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict(), "model_path": path})
+    model, callbacks, pruner = build_model(spec, base, len(train_split), paths.gradient_accumulation)
+    main = is_main_process()
+    if main:
+        if replace:
+            shutil.rmtree(paths.output_dir)
+        os.makedirs(paths.output_dir, exist_ok=True)
+        if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
+            write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict(), "model_path": path})
 
     recipe = spec.recipe
     lr = recipe.full_learning_rate if spec.method == "full" else recipe.learning_rate
@@ -236,26 +246,37 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     args = TrainingArguments(
         output_dir=paths.output_dir, seed=spec.seed, learning_rate=lr, num_train_epochs=recipe.epochs,
-        max_steps=spec.max_steps or -1, per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=paths.eval_batch_size, warmup_steps=warmup, weight_decay=recipe.weight_decay,
+        max_steps=spec.max_steps or -1, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=paths.gradient_accumulation, per_device_eval_batch_size=paths.eval_batch_size, warmup_steps=warmup, weight_decay=recipe.weight_decay,
         lr_scheduler_type="linear", eval_strategy="no",
         save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
         save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, steps_per_epoch // 5),
         logging_nan_inf_filter=False,  # a non-finite loss must show in the log: it marks a collapsed run
         report_to=[], disable_tqdm=paths.quiet, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
+        # Classification losses are per-batch means: Trainer's token averaging would multiply them by the
+        # number of processes (the models accept but ignore num_items_in_batch).
+        average_tokens_across_devices=False,
     )
     collator = DataCollatorWithPadding(tokenizer)
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
         data_collator=collator, callbacks=callbacks,
     )
+    # The classifiers accept num_items_in_batch but ignore it (their loss is a per-batch mean): without this,
+    # Trainer would skip dividing by the micro-batches and scale gradients by --gradient-accumulation.
+    trainer.model_accepts_loss_kwargs = False
+    wait_for_main_process()  # the output folder exists before any process trains
     evaluated = ", ".join(f"{len(d)} {name}" for name, d in eval_splits.items())
-    print(f"prilora train: {task.name} / {spec.method} / seed {spec.seed} / {spec.model}"
+    world = launched_world_size()
+    layout = "" if world == 1 and paths.gradient_accumulation == 1 else \
+        f" ({world} process(es) x {paths.gradient_accumulation} micro-batch(es) of {micro})"
+    if main:
+        print(f"prilora train: {task.name} / {spec.method} / seed {spec.seed} / {spec.model}"
           f"{'' if path == spec.model else f' ({path})'}; recipe "
-          f"{spec.recipe_name}: lr {lr:g}, {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length "
-          f"{recipe.max_seq_length}; {len(train_split)} training examples, evaluated on {evaluated}"
-          + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
+              f"{spec.recipe_name}: lr {lr:g}, {recipe.epochs:g} epochs, batch {recipe.batch_size}{layout}, max length "
+              f"{recipe.max_seq_length}, {spec.precision}; {len(train_split)} training examples, evaluated on "
+              f"{evaluated}" + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
@@ -271,6 +292,9 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
             suffix = split.split("_")[-1]
             metrics.update({f"{k}_{suffix}": v for k, v in split_metrics.items() if k != "score"})
     reason = collapse_reason(trainer.state.log_history, output.training_loss, predictions, task)
+    replicas = pruner.check_replicas() if pruner is not None else world  # every process must prune alike
+    if not main:
+        return {}
     if reason:
         print(f"warning: run collapsed: {reason}", file=sys.stderr)
 
@@ -289,7 +313,9 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         **head_and_adapter_counts(spec, model),
         "ranks": layer_ranks(spec, model),
         "a_sparsity": pruner.sparsity()["A"] if pruner is not None else None,
-        "train_loss": output.training_loss, "steps": trainer.state.global_step,
+        "train_loss": output.training_loss, "steps": trainer.state.global_step, "precision": spec.precision,
+        "world_size": world, "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
+        "replicas_identical": replicas == world if pruner is not None and world > 1 else None,
         "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -26,11 +26,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, finite_or_none
+from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none
 
 SPEC_KEYS = {"name", "description", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants"}  # besides flags of `prilora train`
-RUN_FLAGS = {"save-steps", "keep-checkpoints"}  # how a run is carried out, not what it computes
 FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
 SELECT = "select:"
 
@@ -204,11 +203,14 @@ def run_spec_of(flags: dict, output_dir: str) -> dict:
 
 
 SPEC_FIELDS = ("task", "method", "model", "seed", "recipe_name", "recipe", "prilora", "adalora", "max_steps",
-               "data_source", "holdout")
+               "data_source", "holdout", "precision")
 
 
 def spec_of_result(line: dict) -> dict:
-    return {k: line.get(k) for k in SPEC_FIELDS}
+    """The RunSpec a results line was computed with (fields added since filled with their defaults)."""
+    from .runner import RunSpec
+
+    return complete_spec(RunSpec, {k: line[k] for k in SPEC_FIELDS if k in line})
 
 
 def read_lines(path: str) -> list[dict]:
