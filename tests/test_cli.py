@@ -40,6 +40,8 @@ def test_prilora_run_writes_everything(tmp, glue_dir, capsys):
     assert r["ranks"] == [4, 12] and r["lora_params"] == 16 * UNIT
     assert r["head_params"] == 32 * 32 + 32 + 32 * 2 + 2  # pooler + classifier
     assert r["a_sparsity"] == 0.5 and r["prilora"]["prune_interval"] == 2
+    # Events every 2 steps and at prune_end (0.9 x 6 steps -> step 5); each leaves half of A at zero.
+    assert [h[0] for h in r["pruning_history"]] == [2, 4, 5] and all(h[2] == 0.5 for h in r["pruning_history"])
     assert set(r["metrics"]) == {"accuracy", "score"} and r["metrics"]["score"] == r["metrics"]["accuracy"]
     assert r["eval_examples"] == {"dev": 40} and r["train_examples"] == 48
     assert r["recipe_name"] == "minilm-cpu" and r["recipe"]["batch_size"] == 8
@@ -118,6 +120,7 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     ra, rb = results(tmp, "full"), results(tmp, "cut")
     assert rb["resumed_from"] == "checkpoint-4" and rb["steps"] == ra["steps"] == 12
     assert rb["metrics"] == ra["metrics"] and rb["ranks"] == ra["ranks"]
+    assert rb["pruning_history"] == ra["pruning_history"]
 
 
 def error_of(capsys, code):

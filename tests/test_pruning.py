@@ -193,6 +193,12 @@ def test_zeroed_weights_regrow_between_events_and_final_mask_is_held():
             assert zeros == final
             assert not torch.equal(a.detach(), final_values)
     assert pruner.events == 2
+    # The history records each event's step, the zeros left from before (all regrew: none) and after.
+    assert pruner.history == [[3, 0.0, 0.5], [6, 0.0, 0.5]]
+    state = pruner.state_dict()
+    _, fresh = make(prune_interval=3, prune_start=0, prune_end=6)
+    fresh.load_state_dict(state)
+    assert fresh.history == pruner.history
 
 
 def test_plain_loop_needs_total_steps_for_fractional_window():

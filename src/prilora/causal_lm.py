@@ -214,6 +214,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
                     "initial_perplexity": perplexity(before)},
         "train_loss": output.training_loss, "loss_curve": loss_curve(trainer.state.log_history),
         "lora_params": counts["lora"], "ranks": list(model.prilora_ranks), "a_sparsity": pruner.sparsity()["A"],
+        "pruning_history": pruner.history,
         "steps": trainer.state.global_step, "precision": spec.precision, "world_size": launched_world_size(),
         "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
         "replicas_identical": True if replicas > 1 else None, "resumed_from": os.path.basename(resume_from) if resume_from else None,

@@ -166,6 +166,7 @@ def prilora_summary(peft_model: PeftModel) -> dict[str, Any]:
         "sparsity": {k: sparsity[k] for k in ("A", "B", "adapter", "per_layer")},
         "optimizer_steps": pruner.global_step,
         "pruning_events": pruner.events,
+        "pruning_history": pruner.history,
     }
 
 

@@ -93,6 +93,7 @@ class PriLoraPruner:
         self.total_steps = total_steps if total_steps is not None else config.total_steps
         self.global_step = 0
         self.events = 0
+        self.history: list[list[float]] = []  # [optimizer step, zeros before the event, zeros after] per event
         self._masks: dict[str, torch.Tensor] = {}  # held after the last event
         self._window: tuple | None = None  # (total_steps, (start, end)) cache
         self._generator: torch.Generator | None = None  # for the "random" criterion, made on first use
@@ -156,6 +157,7 @@ class PriLoraPruner:
         cfg = self.config
         self._check_not_sharded()
         all_norms = self._event_norms() if cfg.needs_input_norms else {}
+        before = self._zero_fraction()
         for site in self.sites:
             norms = all_norms.get(site.name)
             if norms is not None and norms.device != site.weight.device:
@@ -166,6 +168,12 @@ class PriLoraPruner:
             if hold:
                 self._masks[site.name] = mask
         self.events += 1
+        # How much of the pruned matrix had regrown since the last event, and the sparsity now.
+        self.history.append([self.global_step, before, self._zero_fraction()])
+
+    def _zero_fraction(self) -> float:
+        zeros = sum(int((site.weight == 0).sum()) for site in self.sites)
+        return zeros / sum(site.weight.numel() for site in self.sites)
 
     def _event_norms(self) -> dict[str, torch.Tensor]:
         """The norms that decide this event, the same on every process: with stats_sync="event" the
@@ -291,7 +299,7 @@ class PriLoraPruner:
         if self._generator is not None:
             tensors["generator"] = self._generator.get_state()
         meta = {"global_step": self.global_step, "events": self.events, "ema_updates": self.stats.updates,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "history": self.history}
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict) -> None:
@@ -314,6 +322,7 @@ class PriLoraPruner:
             self._generator.set_state(tensors["generator"].cpu())
         self.global_step = int(meta["global_step"])
         self.events = int(meta["events"])
+        self.history = [list(h) for h in meta.get("history", [])]
         if meta.get("total_steps") is not None and self.total_steps is None:
             self.total_steps = int(meta["total_steps"])
 

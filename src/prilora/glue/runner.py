@@ -313,6 +313,8 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         **head_and_adapter_counts(spec, model),
         "ranks": layer_ranks(spec, model),
         "a_sparsity": pruner.sparsity()["A"] if pruner is not None else None,
+        # [optimizer step, fraction of the pruned matrix at zero before the event, after it] per event
+        "pruning_history": pruner.history if pruner is not None else None,
         "train_loss": output.training_loss, "steps": trainer.state.global_step, "precision": spec.precision,
         "world_size": world, "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
         "replicas_identical": replicas == world if pruner is not None and world > 1 else None,
