@@ -228,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, default=None,
                        help="runs at a time, each with CPU cores / jobs threads (default: the spec's jobs, or 1)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
+
+    report = sub.add_parser(
+        "report", help="tables and plots (Markdown + PNG) from results JSON lines",
+        description="Build a Markdown report from results JSON lines alone (prilora sweep's output, or any file of "
+                    "results.json lines): per table mean ± std over seeds with the seed count, collapsed runs "
+                    "counted apart, learning-rate grids with the chosen value, and PNG plots (scores, ranks per "
+                    "layer, sparsity over training).",
+    )
+    report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl")
+    report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
+    report.add_argument("--plots", default=None, help="folder for the PNGs (default: results/ beside --out)")
+    report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
     return parser
 
 
@@ -431,6 +443,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .glue.report import build_report
+
+    text = build_report(args.results, args.out, plots_dir=args.plots, notes=args.notes,
+                        command="prilora report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None)
+    print(f"wrote {args.out} ({len(text.splitlines())} lines)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .glue.sweep import Sweep, SweepError
 
@@ -442,6 +463,7 @@ def cmd_sweep(args) -> int:
 def main(argv=None) -> int:
     from .export import AdapterError
     from .glue.data import GlueDataError
+    from .glue.report import ReportError
     from .run_folder import RunError
 
     try:
@@ -451,7 +473,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except (RunError, GlueDataError, AdapterError) as e:
+    except (RunError, GlueDataError, AdapterError, ReportError) as e:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -462,7 +484,7 @@ def main(argv=None) -> int:
 
 
 COMMANDS = {"train": cmd_train, "train-clm": cmd_train_clm, "export": cmd_export, "inspect": cmd_inspect,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,256 @@
+"""``prilora report``: tables and plots from results JSON lines alone.
+
+Everything shown is recomputed from the raw lines (one per finished run): per cell the mean
+and standard deviation over seeds (sample std, n - 1) of the headline score x 100, the number
+of seeds behind it, and collapsed runs counted apart, never averaged in. Learning-rate grids
+(stages scored on a held-out part of train) are shown with the value each method chose.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+
+from .sweep import read_lines, select_values
+from .tasks import TASKS
+
+TASK_ORDER = list(TASKS)
+
+
+class ReportError(ValueError):
+    """Missing or unreadable input; the message names the file."""
+
+
+def load(paths: list[str]) -> list[dict]:
+    lines = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ReportError(f"results file {path} not found")
+        for line in read_lines(path):
+            line["_file"] = path
+            lines.append(line)
+    if not lines:
+        raise ReportError(f"no results in {', '.join(paths)}")
+    return lines
+
+
+def group_key(line: dict) -> tuple[str, str]:
+    """(table, variant): a sweep's stage and variant, or the file and method for lines without a sweep record."""
+    sw = line.get("sweep")
+    if sw:
+        return f"{sw['name']} / {sw['stage']}", sw["variant"]
+    return os.path.basename(line["_file"]), line.get("method", "?")
+
+
+def cell(lines: list[dict]) -> dict:
+    ok = [100 * line["metrics"]["score"] for line in lines if not line.get("collapsed") and
+          (line.get("metrics") or {}).get("score") is not None]
+    collapsed = len(lines) - len(ok)
+    return {"mean": statistics.fmean(ok) if ok else None, "std": statistics.stdev(ok) if len(ok) > 1 else None,
+            "n": len(ok), "collapsed": collapsed, "seeds": sorted({line.get("seed") for line in lines})}
+
+
+def fmt_cell(c: dict) -> str:
+    if c["mean"] is None:
+        text = "-"
+    elif c["std"] is None:
+        text = f"{c['mean']:.2f}"
+    else:
+        text = f"{c['mean']:.2f} ± {c['std']:.2f}"
+    text += f" ({c['n']})"
+    if c["collapsed"]:
+        text += f" [{c['collapsed']} collapsed]"
+    return text
+
+
+def _tasks(lines: list[dict]) -> list[str]:
+    present = {line["task"] for line in lines}
+    return [t for t in TASK_ORDER if t in present]
+
+
+def _params(lines: list[dict]) -> str:
+    if all(line.get("method") == "full" for line in lines):
+        values = {line.get("trainable_params") for line in lines}
+        return "all" if len(values) != 1 else f"all ({values.pop():,})"
+    values = sorted({line.get("lora_params") for line in lines if line.get("lora_params") is not None})
+    return ", ".join(f"{v:,}" for v in values) or "-"
+
+
+def result_table(lines: list[dict]) -> tuple[list[str], dict]:
+    """Rows: variants; columns: tasks, then the average over tasks (when a row has every task)."""
+    tasks = _tasks(lines)
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_variant[group_key(line)[1]].append(line)
+    out = ["| method | " + " | ".join(tasks) + " | average | LoRA params | learning rate |",
+           "|---|" + "---|" * len(tasks) + "---|---|---|"]
+    cells = {}
+    for variant, vlines in by_variant.items():
+        row = {t: cell([x for x in vlines if x["task"] == t]) for t in tasks}
+        cells[variant] = row
+        means = [row[t]["mean"] for t in tasks]
+        average = f"{statistics.fmean(means):.2f}" if all(m is not None for m in means) else "-"
+        rates = []
+        for t in tasks:
+            lrs = sorted({x.get("learning_rate") for x in vlines if x["task"] == t})
+            rates.append(f"{t} {'/'.join(f'{lr:g}' for lr in lrs)}")
+        out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) for t in tasks)
+                   + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
+    return out, cells
+
+
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def selection_table(lines: list[dict]) -> list[str]:
+    """Rows: task x variant; columns: the grid's values; the chosen value in bold."""
+    axes = sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
+    if not axes:
+        return result_table(lines)[0]
+    key = axes[0] if len(axes) == 1 else None
+    values = sorted({line["sweep"]["axes"].get(key) for line in lines}) if key else []
+    out = ["| task | method | " + " | ".join(f"{key} {_value(v)}" for v in values) + " | chosen |",
+           "|---|---|" + "---|" * len(values) + "---|"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in lines:
+        groups[(line["task"], group_key(line)[1])].append(line)
+    for (task, variant), glines in sorted(groups.items(), key=lambda kv: (TASK_ORDER.index(kv[0][0]), kv[0][1])):
+        chosen, _ = select_values(glines, [key])
+        cells = []
+        for v in values:
+            these = [x for x in glines if x["sweep"]["axes"].get(key) == v]
+            text = fmt_cell(cell(these)) if these else ""
+            cells.append(f"**{text}**" if these and v == chosen[key] else text)
+        out.append(f"| {task} | {variant} | " + " | ".join(cells) + f" | {_value(chosen[key])} |")
+    return out
+
+
+def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(cells)
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.6))
+    for i, variant in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(tasks))]
+        means = [cells[variant][t]["mean"] or 0.0 for t in tasks]
+        errs = [cells[variant][t]["std"] or 0.0 for t in tasks]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=variant)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("dev score x 100 (mean ± std over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(4, len(variants)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranks(lines: list[dict], path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    for line in lines:
+        variant = group_key(line)[1]
+        if line.get("ranks") and line.get("method") in ("prilora", "lora") and variant not in shown:
+            shown[variant] = line["ranks"]
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for variant, ranks in shown.items():
+        ax.plot(range(len(ranks)), ranks, marker="o", label=variant)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("LoRA rank")
+    ax.set_title("ranks per layer", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_sparsity(lines: list[dict], path: str) -> bool:
+    """A zeros over training (fraction of the run), before and after each pruning event, one run per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    for line in lines:
+        variant = group_key(line)[1]
+        if line.get("pruning_history") and line.get("steps") and variant not in shown:
+            shown[variant] = line
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for variant, line in shown.items():
+        xs, ys = [], []
+        for step, before, after in line["pruning_history"]:
+            xs += [step / line["steps"]] * 2
+            ys += [before, after]
+        ax.plot(xs, ys, label=f"{variant} ({line['task']}, seed {line['seed']})", linewidth=1)
+    ax.set_xlabel("fraction of training")
+    ax.set_ylabel("fraction of the pruned matrix at zero")
+    ax.set_title("sparsity before and after each pruning event", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
+                 command: str | None = None) -> str:
+    lines = load(paths)
+    plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
+    os.makedirs(plots_dir, exist_ok=True)
+    rel = os.path.relpath(plots_dir, os.path.dirname(out) or ".")
+    tables: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        tables[group_key(line)[0]].append(line)
+    md = ["# Results", "",
+          f"Generated by `{command or 'prilora report ' + ' '.join(paths) + ' --out ' + out}` from the raw "
+          f"results alone ({len(lines)} runs). Cells: headline dev score x 100 (CoLA MCC, STS-B mean of Pearson "
+          "and Spearman, MNLI matched accuracy, accuracy elsewhere), mean ± sample standard deviation over seeds, "
+          "(number of seeds), and runs that collapsed (constant predictions or a non-finite loss) counted apart, "
+          "not averaged in.", ""]
+    if notes:
+        with open(notes) as f:
+            md += [f.read().rstrip(), ""]
+    machines = sorted({(line.get("machine") or {}).get("platform", "?") for line in lines})
+    models = sorted({line.get("model", "?") for line in lines})
+    md += [f"Models: {', '.join(models)}. Machines: {', '.join(machines)}.", ""]
+    for name, tlines in tables.items():
+        held_out = any(line.get("holdout") for line in tlines)
+        md += [f"## {name}" + (" (scored on a held-out part of train)" if held_out else ""), ""]
+        if held_out:
+            md += selection_table(tlines)
+        else:
+            table, cells = result_table(tlines)
+            md += table
+            png = f"scores-{_slug(name)}.png"
+            plot_scores(cells, _tasks(tlines), name, os.path.join(plots_dir, png))
+            md += ["", f"![scores: {name}]({rel}/{png})"]
+        md.append("")
+    if plot_ranks(lines, os.path.join(plots_dir, "ranks.png")):
+        md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
+    if plot_sparsity(lines, os.path.join(plots_dir, "sparsity.png")):
+        md += ["## Sparsity over training", "", f"![sparsity over training]({rel}/sparsity.png)", ""]
+    text = "\n".join(md).rstrip() + "\n"
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return text

@@ -1,0 +1,52 @@
+"""`prilora report`: every number in the tables recomputed independently from the lines."""
+
+import json
+import statistics
+
+from prilora.cli import main
+
+
+def line(task, variant, seed, score, stage="dev", lr=1e-3, collapsed=False, holdout=None, method=None, **extra):
+    return {"task": task, "method": method or variant, "seed": seed, "metrics": {"score": score},
+            "collapsed": collapsed, "holdout": holdout, "learning_rate": lr, "lora_params": 331776,
+            "ranks": [4, 6, 7, 9, 10, 12] if variant == "prilora" else [8] * 6, "model": "m",
+            "machine": {"platform": "test"}, "steps": 100,
+            "sweep": {"name": "study", "stage": stage, "variant": variant, "axes": {"learning-rate": lr}}, **extra}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
+    history = [[10, 0.0, 0.5], [20, 0.1, 0.5], [30, 0.12, 0.5]]
+    rows = [line("mrpc", "prilora", s, v, pruning_history=history) for s, v in enumerate([0.80, 0.78, 0.79])]
+    rows += [line("mrpc", "lora", s, v) for s, v in enumerate([0.81, 0.77])]
+    rows += [line("mrpc", "lora", 2, 0.684, collapsed=True)]
+    rows += [line("cola", "prilora", s, v) for s, v in enumerate([0.30, 0.34, 0.29])]
+    # A learning-rate grid on held-out examples: lora's best is 5e-4; 2e-3 collapsed and ranks last.
+    rows += [line("mrpc", "lora", 0, s, stage="lr", lr=lr, holdout=0.1, collapsed=c)
+             for lr, s, c in ((5e-4, 0.82, False), (1e-3, 0.80, False), (2e-3, 0.95, True))]
+    out = tmp_path / "docs" / "RESULTS.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    p = [80.0, 78.0, 79.0]
+    assert f"| prilora | {statistics.fmean([30, 34, 29]):.2f} ± {statistics.stdev([30, 34, 29]):.2f} (3) | " \
+           f"{statistics.fmean(p):.2f} ± {statistics.stdev(p):.2f} (3) | {statistics.fmean([31.0, 79.0]):.2f} |" in text
+    # LoRA: the collapsed seed is counted, not averaged in; no average without every task.
+    assert f"| lora | - (0) | {statistics.fmean([81, 77]):.2f} ± {statistics.stdev([81, 77]):.2f} (2) [1 collapsed] | - |" in text
+    assert "| mrpc | lora | **82.00 (1)** | 80.00 (1) | - (0) [1 collapsed] | 0.0005 |" in text
+    assert "(scored on a held-out part of train)" in text
+    for png in ("scores-study---dev.png", "ranks.png", "sparsity.png"):
+        assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"(results/{png})" in text
+
+
+def test_report_bad_input(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
+    assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"
+    (tmp_path / "bad.jsonl").write_text('{"task": "rte"}\n{not json\n')
+    assert main(["report", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
+    assert "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
