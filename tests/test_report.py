@@ -38,6 +38,9 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     assert f"| lora | - (0) | {statistics.fmean([81, 77]):.2f} ± {statistics.stdev([81, 77]):.2f} (2) [1 collapsed] | - |" in text
     assert "| mrpc | lora | **82.00 (1)** | 80.00 (1) | - (0) [1 collapsed] | 0.0005 |" in text
     assert "(scored on a held-out part of train)" in text
+    rows.append(line("cola", "lora", 0, 0.3, stage="lr", lr=5e-4, holdout=0.1))  # one of three grid values
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    assert "| cola | lora | **30.00 (1)** |  |  | 0.0005 so far (grid unfinished) |" in out.read_text()
     for png in ("scores-study---dev.png", "ranks.png", "sparsity.png"):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"(results/{png})" in text
