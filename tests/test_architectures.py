@@ -1,7 +1,6 @@
 """Layer detection and default targets per architecture, checked on the modules PEFT built."""
 
 import pytest
-import torch
 import torch.nn as nn
 import transformers as tf
 from peft.tuners.lora import LoraLayer

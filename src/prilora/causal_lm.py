@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,9 +24,9 @@ from .architectures import ENCODER_MODEL_TYPES
 from .callback import PriLoraCallback
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
-from .run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, is_main_process, launched_world_size,
-                         machine, micro_batch_size, missing_local_folder, precision_args, versions,
-                         wait_for_main_process, write_json_atomic)
+from .run_folder import (RESULTS_FILE, RunError, check_output_dir, launched_world_size, machine, micro_batch_size,
+                         missing_local_folder, precision_args, prepare_output_dir, versions, wait_for_main_process,
+                         write_json_atomic)
 
 HOLDOUT_SEED = 20240101
 
@@ -161,13 +160,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     set_seed(spec.seed)
     base = AutoModelForCausalLM.from_pretrained(spec.model)
     model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
-    main = is_main_process()
-    if main:
-        if replace:
-            shutil.rmtree(paths.output_dir)
-        os.makedirs(paths.output_dir, exist_ok=True)
-        if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
-            write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict()})
+    main = prepare_output_dir(paths, replace, {"spec": spec.to_dict()})
 
     steps_per_epoch = math.ceil(len(train_blocks) / spec.batch_size)
     warmup = int(spec.warmup) if spec.warmup >= 1 else spec.warmup

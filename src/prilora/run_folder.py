@@ -99,6 +99,21 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     return False, get_last_checkpoint(out)
 
 
+def prepare_output_dir(paths, replace: bool, record: dict) -> bool:
+    """On the main process: empty the folder if asked, create it and write run.json once. Returns whether
+    this process is the main one (the only one that writes)."""
+    import shutil
+
+    if not is_main_process():
+        return False
+    if replace:
+        shutil.rmtree(paths.output_dir)
+    os.makedirs(paths.output_dir, exist_ok=True)
+    if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
+        write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), record)
+    return True
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -168,14 +168,7 @@ def plot_ranks(lines: list[dict], path: str) -> bool:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for variant, ranks in shown.items():
         ax.plot(range(len(ranks)), ranks, marker="o", label=variant)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("LoRA rank")
-    ax.set_title("ranks per layer", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, "layer", "LoRA rank", "ranks per layer", path)
 
 
 def plot_sparsity(lines: list[dict], path: str) -> bool:
@@ -199,9 +192,16 @@ def plot_sparsity(lines: list[dict], path: str) -> bool:
             xs += [step / line["steps"]] * 2
             ys += [before, after]
         ax.plot(xs, ys, label=f"{variant} ({line['task']}, seed {line['seed']})", linewidth=1)
-    ax.set_xlabel("fraction of training")
-    ax.set_ylabel("fraction of the pruned matrix at zero")
-    ax.set_title("sparsity before and after each pruning event", fontsize=9)
+    return _save(fig, ax, "fraction of training", "fraction of the pruned matrix at zero",
+                 "sparsity before and after each pruning event", path)
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,9 +20,9 @@ from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
-from ..run_folder import (RESULTS_FILE, RUN_FILE, RunError, check_output_dir, finite_or_none, is_main_process,
-                          launched_world_size, machine, micro_batch_size, precision_args, versions,
-                          wait_for_main_process, write_json_atomic)
+from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finite_or_none, launched_world_size, machine,
+                          micro_batch_size, precision_args, prepare_output_dir, versions, wait_for_main_process,
+                          write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics
@@ -232,13 +231,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     set_seed(spec.seed)
     base, tokenizer = load_model(spec, path, task)
     model, callbacks, pruner = build_model(spec, base, len(train_split), paths.gradient_accumulation)
-    main = is_main_process()
-    if main:
-        if replace:
-            shutil.rmtree(paths.output_dir)
-        os.makedirs(paths.output_dir, exist_ok=True)
-        if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
-            write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), {"spec": spec.to_dict(), "model_path": path})
+    main = prepare_output_dir(paths, replace, {"spec": spec.to_dict(), "model_path": path})
 
     recipe = spec.recipe
     lr = recipe.full_learning_rate if spec.method == "full" else recipe.learning_rate
