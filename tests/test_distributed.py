@@ -198,3 +198,20 @@ def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_p
     assert rc["resumed_from"] == "checkpoint-4" and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
     a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_other_processes_leave_the_folder_checks_to_rank_0(tmp_path, monkeypatch):
+    # Rank 0 may already have written run.json when rank 1 looks: rank 1 must not call that a clash.
+    from prilora.glue.runner import RunPaths
+    from prilora.run_folder import check_output_dir
+
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    monkeypatch.setenv("RANK", "1")
+    assert check_output_dir(RunPaths(output_dir=str(tmp_path), data_dir=None), spec=None) == (False, None)
+    assert check_output_dir(RunPaths(output_dir=str(tmp_path), data_dir=None, resume=True), spec=None) == \
+        (False, str(tmp_path / "checkpoint-4"))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Exception, match="holds an unfinished run: pass --resume"):
+        check_output_dir(RunPaths(output_dir=str(tmp_path), data_dir=None), spec=None)

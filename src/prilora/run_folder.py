@@ -73,6 +73,10 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     from transformers.trainer_utils import get_last_checkpoint
 
     out = paths.output_dir
+    if not is_main_process():
+        # Rank 0 checks and prepares the folder (and may already have written run.json): the other
+        # processes only need the checkpoint to resume from; a refusal on rank 0 stops them all.
+        return False, get_last_checkpoint(out) if paths.resume and os.path.isdir(out) else None
     run_file, results_file = os.path.join(out, RUN_FILE), os.path.join(out, RESULTS_FILE)
     if os.path.isfile(out):
         raise RunError(f"--output-dir {out} is a file: pass a folder")
