@@ -123,7 +123,8 @@ def selection_table(lines: list[dict]) -> list[str]:
             these = [x for x in glines if x["sweep"]["axes"].get(key) == v]
             text = fmt_cell(cell(these)) if these else ""
             cells.append(f"**{text}**" if these and v == chosen[key] else text)
-        complete = {x["sweep"]["axes"].get(key) for x in glines} == set(values)
+        grid = {x["sweep"]["axes"].get(key) for x in lines if group_key(x)[1] == variant}  # this method's grid
+        complete = {x["sweep"]["axes"].get(key) for x in glines} == grid
         choice = _value(chosen[key]) if complete else f"{_value(chosen[key])} so far (grid unfinished)"
         out.append(f"| {task} | {variant} | " + " | ".join(cells) + f" | {choice} |")
     return out
