@@ -354,17 +354,15 @@ class Sweep:
                 times.setdefault((), []).append(t)
         if not times:
             return "no estimate yet"
-        method = lambda r: (r.spec or run_spec_of(  # noqa: E731
-            {k: v for k, v in r.flags.items() if k not in r.selects}, "x"))["method"]
         total = 0.0
         for r in todo:
-            for key in ((r.task, method(r)), (r.task,), ()):
+            for key in ((r.task, r.flags.get("method", "prilora")), (r.task,), ()):
                 if key in times:
                     total += sum(times[key]) / len(times[key])
                     break
         left = total / self.jobs
-        return f"about {left / 3600:.1f} h" if left >= 3600 else f"about {left / 60:.0f} min" + \
-            f" left at {self.jobs} run(s) at a time"
+        amount = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+        return f"about {amount} left at {self.jobs} run(s) at a time"
 
     def start(self, run: PlannedRun, threads: int) -> subprocess.Popen:
         folder = self.folder(run)
