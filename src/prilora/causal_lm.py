@@ -24,9 +24,9 @@ from .architectures import ENCODER_MODEL_TYPES
 from .callback import PriLoraCallback
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
-from .run_folder import (RESULTS_FILE, RunError, check_output_dir, launched_world_size, machine, micro_batch_size,
-                         missing_local_folder, precision_args, prepare_output_dir, versions, wait_for_main_process,
-                         write_json_atomic)
+from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, launched_world_size, machine,
+                         micro_batch_size, missing_local_folder, precision_args, prepare_output_dir, versions,
+                         wait_for_main_process, write_json_atomic)
 
 HOLDOUT_SEED = 20240101
 
@@ -192,6 +192,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     after = trainer.evaluate()["eval_loss"]
     replicas = pruner.check_replicas()
     if not main:
+        finish_distributed()
         return {}
     model.save_pretrained(paths.output_dir)
     tokenizer.save_pretrained(paths.output_dir)
@@ -215,4 +216,5 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
+    finish_distributed()
     return results

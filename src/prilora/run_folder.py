@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import time
 from importlib import metadata
 
 import torch
@@ -50,6 +51,21 @@ def wait_for_main_process() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def finish_distributed() -> None:
+    """Wait until rank 0 has written its files, then tear the process group down on every process.
+
+    Gloo's worker threads free a finished collective's tensors under the GIL, just after the collective
+    returns. If the process exits, or the group is freed (a C++ join that holds the GIL) before they can,
+    the process aborts (SIGABRT) or hangs: both seen under torchrun here. The pause hands them the GIL.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.1)
+        dist.destroy_process_group()
 
 
 def micro_batch_size(batch_size: int, accumulation: int) -> int:

@@ -20,9 +20,9 @@ from ..callback import PriLoraCallback
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
-from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finite_or_none, launched_world_size, machine,
-                          micro_batch_size, precision_args, prepare_output_dir, versions, wait_for_main_process,
-                          write_json_atomic)
+from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, finite_or_none,
+                          launched_world_size, machine, micro_batch_size, precision_args, prepare_output_dir, versions,
+                          wait_for_main_process, write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics
@@ -287,6 +287,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     reason = collapse_reason(trainer.state.log_history, output.training_loss, predictions, task)
     replicas = pruner.check_replicas() if pruner is not None else world  # every process must prune alike
     if not main:
+        finish_distributed()
         return {}
     if reason:
         print(f"warning: run collapsed: {reason}", file=sys.stderr)
@@ -317,4 +318,5 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     }
     results = finite_or_none(results)
     write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
+    finish_distributed()
     return results
