@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from prilora import PriLoraCallback, PriLoraConfig, get_prilora_model
 from prilora.cli import main
+from prilora.run_folder import finish_distributed
 
 from conftest import tiny_bert
 
@@ -56,14 +57,12 @@ def train(config: PriLoraConfig, rank: int = 0, world: int = 1):
 
 def _worker(rank, world, port, config_dict, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        pruner = train(PriLoraConfig.from_dict(config_dict), rank, world)
-        assert pruner.check_replicas() == world
-        torch.save({"A": [s.lora_A.detach().clone() for s in pruner.sites],
-                    "norms": {n: pruner.stats.norms(n) for n in pruner.stats.emas}}, os.path.join(out, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    pruner = train(PriLoraConfig.from_dict(config_dict), rank, world)
+    assert pruner.check_replicas() == world
+    torch.save({"A": [s.lora_A.detach().clone() for s in pruner.sites],
+                "norms": {n: pruner.stats.norms(n) for n in pruner.stats.emas}}, os.path.join(out, f"{rank}.pt"))
+    finish_distributed()
 
 
 @pytest.mark.parametrize("sync, beta, equals_one_process", [
@@ -183,8 +182,6 @@ def rank_errors(done) -> str:
 
 
 def _finish_worker(rank, world, ports, out):
-    from prilora.run_folder import finish_distributed
-
     for i, port in enumerate(ports):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
