@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from prilora.bench import build, load_base
 from prilora.cli import main
 
 
@@ -20,8 +21,20 @@ def test_bench_writes_every_measurement(tiny_model_dir, tmp_path, capsys):
         assert s["n"] == 4 and s["q25_ms"] <= s["median_ms"] <= s["q75_ms"]
         assert s["ratio_to_lora"] == pytest.approx(s["median_ms"] / r["step"]["lora"]["median_ms"])
         mem = r["memory"][m]
-        assert mem["peak_rss_mb"] >= mem["rss_after_build_mb"] > 0 and mem["ratio_of"] == "peak_rss_mb"
-        assert mem["ratio_to_lora"] == pytest.approx(mem["peak_rss_mb"] / r["memory"]["lora"]["peak_rss_mb"])
+        assert mem["peak_rss_mb"] >= mem["rss_after_build_mb"] > 0 and mem["ratio_of"] == "tensor_peak_mb"
+        assert mem["ratio_to_lora"] == pytest.approx(mem["tensor_peak_mb"] / r["memory"]["lora"]["tensor_peak_mb"])
+        kinds = mem["tensor_peak_by_kind_mb"]
+        assert sum(kinds.values()) == pytest.approx(mem["tensor_peak_mb"]) and kinds["activation"] > 0
+        # AdamW's two moments per trainable weight plus a 4-byte step counter per trainable tensor, to the byte.
+        model, _, _ = build(m, load_base(str(tiny_model_dir))[0], "SEQ_CLS", 10)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert round(kinds["optimizer_state"] * 2**20) == 2 * sum(4 * p.numel() for p in trainable) + 4 * len(trainable)
+    # PRILoRA's memory over the same schedule unpruned: its statistics (an EMA and an accumulator per
+    # adapted input feature) and at most one cached squared-norm vector; no activation kept alive.
+    pruner = build("prilora", load_base(str(tiny_model_dir))[0], "SEQ_CLS", 10)[2].__self__
+    stats = [t for store in (pruner.stats.emas, pruner.stats.accs) for t in store.values()]
+    extra = round((r["memory"]["prilora"]["tensor_peak_mb"] - r["memory"]["linear"]["tensor_peak_mb"]) * 2**20)
+    assert 0 <= extra - sum(4 * t.numel() for t in stats) <= 4 * max(t.numel() for t in stats)
     assert r["step"]["adalora"]["ratio_to_prilora"] == pytest.approx(
         r["step"]["adalora"]["median_ms"] / r["step"]["prilora"]["median_ms"])
     # 1e5 A parameters at r=8, d_in=4096: round(1e5 / 32768) = 3 modules.

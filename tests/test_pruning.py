@@ -1,5 +1,7 @@
 """Pruning checked against an independent computation of importance and of the input norms."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -313,3 +315,18 @@ def test_fp16_inputs_whose_squares_overflow_fp16():
     norms = x.double().reshape(-1, D_IN).pow(2).sum(0).sqrt()
     for site in pruner.sites:
         torch.testing.assert_close(pruner.stats.norms(site.name).double(), norms, rtol=1e-5, atol=0)
+
+
+def test_shared_input_is_squared_once_and_not_kept_alive(monkeypatch):
+    model, pruner = make(prune_interval=100, prune_start=100, prune_end=100)
+    squared = []
+    square = torch.Tensor.square
+    monkeypatch.setattr(torch.Tensor, "square", lambda t: squared.append(t.shape) or square(t))
+    x = batch(0)
+    out = model(x)
+    assert squared == [(20, D_IN)]  # three adapted layers read the same tensor: one square-and-sum
+    alive = weakref.ref(x)
+    del x, out
+    assert alive() is None  # the statistics keep no activation alive (a strong reference cost 24 MiB on MiniLM)
+    pruner.step()
+    assert all(float(acc.abs().sum()) == 0.0 for acc in pruner.stats.accs.values())  # folded into the EMA

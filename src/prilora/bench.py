@@ -3,8 +3,8 @@
 Step time: every method trains its own copy of the same model on the same fixed batch, and the
 methods take turns round by round (``rounds`` x ``steps`` timed steps each, after warm-up), so
 machine noise hits all alike; medians and quartiles, and ratios to LoRA from the same run.
-Peak memory: one child process per method (on CPU the process's peak RSS is the only honest
-measure; on a GPU, ``torch.cuda.max_memory_allocated``). Also the cost of one pruning event
+Peak memory: one child process per method; the peak bytes of live tensors over a profiled step
+(torch.profiler's memory timeline), the process's peak RSS, and on a GPU ``max_memory_allocated``. Also the cost of one pruning event
 against the number of A parameters, and inference of the merged model against the base model.
 
 Methods: ``lora`` (r=8 everywhere), ``linear`` (the 4->12 schedule without pruning: LoRA's FLOPs
@@ -152,15 +152,44 @@ def time_steps(args, device) -> dict:
     return out
 
 
+TIMELINE_KINDS = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail",
+                  "other")  # the columns of torch.profiler's memory timeline, in its order
+
+
+def tensor_peak(step, device) -> dict:
+    """Peak bytes of live tensors over one training step, and what they were at that moment, from
+    torch.profiler's memory timeline: byte-exact, where a CPU process's RSS cannot see differences
+    of a few MB under the allocator's reuse of freed memory."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "timeline.json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in favour of a CUDA-only snapshot API
+            prof.export_memory_timeline(path, device="cuda:0" if device.type == "cuda" else "cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    totals = [sum(row[1:]) for row in sizes]
+    at = max(range(len(totals)), key=totals.__getitem__)
+    return {"tensor_peak_mb": totals[at] / 2**20,
+            "tensor_peak_by_kind_mb": {k: sizes[at][i + 1] / 2**20 for i, k in enumerate(TIMELINE_KINDS)}}
+
+
 def memory_child(args, device) -> dict:
-    """Run in a child process: one method, warm-up plus a few steps; peak memory."""
+    """Run in a child process: one method, warm-up plus a few steps, the last one profiled; peak memory."""
     import resource
 
     import psutil
 
     base, task_type, vocab = load_base(args.model)
     base.to(device)
-    model, opt, after = build(args.methods[0], base, task_type, args.warmup + 3)
+    model, opt, after = build(args.methods[0], base, task_type, args.warmup + 4)
     del base
     batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
     loaded = psutil.Process().memory_info().rss
@@ -174,6 +203,7 @@ def memory_child(args, device) -> dict:
            "rss_after_build_mb": loaded / 2**20}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out.update(tensor_peak(lambda: train_step(model, opt, after, batch, autocast), device))
     return out
 
 
@@ -187,7 +217,8 @@ def measure_memory(args) -> dict:
         if done.returncode != 0:
             raise RunError(f"memory measurement of {m} failed: {done.stderr.strip().splitlines()[-1:]}")
         out[m] = json.loads(done.stdout.strip().splitlines()[-1])
-    key = "cuda_peak_mb" if all("cuda_peak_mb" in v for v in out.values()) else "peak_rss_mb"
+    # The allocator's own peak on a GPU; on CPU the tensors' peak (RSS is kept for reference).
+    key = "cuda_peak_mb" if all("cuda_peak_mb" in v for v in out.values()) else "tensor_peak_mb"
     if "lora" in out:
         for m in out:
             out[m]["ratio_to_lora"] = out[m][key] / out["lora"][key]
@@ -292,13 +323,18 @@ def format_result(r: dict) -> str:
     lines = [f"prilora bench: {s['model']}, batch {s['batch_size']} x {s['seq_len']} tokens, {s['precision']}, "
              f"{r['machine']['device']} ({r['machine']['torch_threads']} threads); {s['rounds']} rounds x "
              f"{s['steps']} steps per method, interleaved", "",
-             "method | step ms (median) | IQR | ratio to LoRA" + (" | peak memory MB | ratio" if "memory" in r else "")]
+             "method | step ms (median) | IQR | ratio to LoRA" +
+             (" | peak memory MB | ratio | peak RSS MB" if "memory" in r else "")]
     for m, v in r["step"].items():
         row = f"{m} | {v['median_ms']:.1f} | {v['q25_ms']:.1f}-{v['q75_ms']:.1f} | {v.get('ratio_to_lora', float('nan')):.3f}"
         if "memory" in r:
             mem = r["memory"][m]
-            row += f" | {mem.get('cuda_peak_mb', mem['peak_rss_mb']):.0f} | {mem.get('ratio_to_lora', float('nan')):.3f}"
+            row += (f" | {mem[mem.get('ratio_of', 'tensor_peak_mb')]:.1f} | {mem.get('ratio_to_lora', float('nan')):.4f}"
+                    f" | {mem['peak_rss_mb']:.0f}")
         lines.append(row)
+    if "memory" in r:
+        lines.append(f"peak memory: {next(iter(r['memory'].values())).get('ratio_of', 'tensor_peak_mb')} "
+                     "(tensor_peak_mb: live tensors at the peak of a profiled step)")
     if "adalora" in r["step"] and "ratio_to_prilora" in r["step"]["adalora"]:
         lines.append(f"AdaLoRA / PRILoRA step time: {r['step']['adalora']['ratio_to_prilora']:.3f}")
     for e in r.get("event_cost", []):

@@ -14,6 +14,7 @@ the same statistic as one large batch.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -31,7 +32,7 @@ class InputNormEMA:
         self.accs: dict[str, torch.Tensor] = {}
         self.updates = 0  # optimizer steps folded into the EMA (for bias correction)
         self._handles: list[RemovableHandle] = []
-        self._last_input: torch.Tensor | None = None
+        self._last_input: weakref.ref | None = None  # weak: a strong one kept the input alive (24 MiB on MiniLM)
         self._last_version = -1
         self._last_sq: torch.Tensor | None = None
         self._skipped: torch.Tensor | None = None  # steps dropped as non-finite, counted on device
@@ -67,14 +68,14 @@ class InputNormEMA:
 
     def _squared_norms(self, x: torch.Tensor) -> torch.Tensor:
         # Identity plus version: a tensor modified in place since is not the same input.
-        if self._last_input is x and self._last_version == x._version:
+        if self._last_input is not None and self._last_input() is x and self._last_version == x._version:
             return self._last_sq
         flat = x.reshape(-1, x.shape[-1])
         # A square-and-sum ran 6-10x faster than linalg.vector_norm over the token dims on CPU
         # (experiments/overhead_check.py --kernels). Half-precision inputs are squared in an fp32 copy:
         # fp16 squares overflow above 256.
         sq = flat.float().square_() if flat.dtype in (torch.float16, torch.bfloat16) else flat.square()
-        self._last_input, self._last_version, self._last_sq = x, x._version, sq.sum(0).float()
+        self._last_input, self._last_version, self._last_sq = weakref.ref(x), x._version, sq.sum(0).float()
         return self._last_sq
 
     @torch.no_grad()
