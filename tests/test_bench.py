@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from prilora.bench import build, load_base
+from prilora.bench import build, format_result, load_base
 from prilora.cli import main
 
 
@@ -30,11 +30,12 @@ def test_bench_writes_every_measurement(tiny_model_dir, tmp_path, capsys):
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert round(kinds["optimizer_state"] * 2**20) == 2 * sum(4 * p.numel() for p in trainable) + 4 * len(trainable)
     # PRILoRA's memory over the same schedule unpruned: its statistics (an EMA and an accumulator per
-    # adapted input feature) and at most one cached squared-norm vector; no activation kept alive.
+    # adapted input feature, a counter of skipped steps) and at most one cached squared-norm vector; no
+    # activation kept alive.
     pruner = build("prilora", load_base(str(tiny_model_dir))[0], "SEQ_CLS", 10)[2].__self__
-    stats = [t for store in (pruner.stats.emas, pruner.stats.accs) for t in store.values()]
+    stats = [t for store in (pruner.stats.emas, pruner.stats.accs) for t in store.values()] + [pruner.stats._skipped]
     extra = round((r["memory"]["prilora"]["tensor_peak_mb"] - r["memory"]["linear"]["tensor_peak_mb"]) * 2**20)
-    assert 0 <= extra - sum(4 * t.numel() for t in stats) <= 4 * max(t.numel() for t in stats)
+    assert 0 <= extra - sum(t.numel() * t.element_size() for t in stats) <= 4 * max(t.numel() for t in stats)
     assert r["step"]["adalora"]["ratio_to_prilora"] == pytest.approx(
         r["step"]["adalora"]["median_ms"] / r["step"]["prilora"]["median_ms"])
     # 1e5 A parameters at r=8, d_in=4096: round(1e5 / 32768) = 3 modules.
@@ -45,6 +46,10 @@ def test_bench_writes_every_measurement(tiny_model_dir, tmp_path, capsys):
     assert r["versions"]["torch"]
     table = capsys.readouterr().out
     assert "ratio to LoRA" in table and "AdaLoRA / PRILoRA step time" in table
+    memory_only = format_result({k: v for k, v in r.items() if k != "step"})  # as --no-timing writes it
+    assert "method | peak memory MB | ratio | peak RSS MB" in memory_only and "step ms" not in memory_only
+    for m in methods:
+        assert f"\n{m} | {r['memory'][m]['tensor_peak_mb']:.1f} | {r['memory'][m]['ratio_to_lora']:.4f} |" in memory_only
 
 
 def test_bench_bad_input(tmp_path, capsys):
@@ -53,5 +58,8 @@ def test_bench_bad_input(tmp_path, capsys):
                                                "linear, prilora, prilora-every-step, adalora")
     assert main(["bench", "--model", str(tmp_path / "none")]) == 2
     assert "is neither one of minilm, deberta-v3-base, llama-0.27b nor a local model folder" in capsys.readouterr().err
+    assert main(["bench", "--no-timing"]) == 2
+    assert capsys.readouterr().err.strip() == ("prilora bench: error: --no-timing leaves nothing to measure: add "
+                                               "--memory, --event-sizes or --inference")
     assert main(["bench", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "prilora bench: error: --steps must be >= 1, got 0"

@@ -307,7 +307,8 @@ def run_bench(args) -> dict:
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("command", "memory_child", "json")},
               "machine": machine(device), "versions": versions(),
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    result["step"] = time_steps(args, device)
+    if not args.no_timing:
+        result["step"] = time_steps(args, device)
     if args.memory:
         result["memory"] = measure_memory(args)
     if args.event_sizes:
@@ -321,22 +322,31 @@ def run_bench(args) -> dict:
 def format_result(r: dict) -> str:
     s = r["settings"]
     lines = [f"prilora bench: {s['model']}, batch {s['batch_size']} x {s['seq_len']} tokens, {s['precision']}, "
-             f"{r['machine']['device']} ({r['machine']['torch_threads']} threads); {s['rounds']} rounds x "
-             f"{s['steps']} steps per method, interleaved", "",
-             "method | step ms (median) | IQR | ratio to LoRA" +
-             (" | peak memory MB | ratio | peak RSS MB" if "memory" in r else "")]
-    for m, v in r["step"].items():
-        row = f"{m} | {v['median_ms']:.1f} | {v['q25_ms']:.1f}-{v['q75_ms']:.1f} | {v.get('ratio_to_lora', float('nan')):.3f}"
-        if "memory" in r:
-            mem = r["memory"][m]
-            row += (f" | {mem[mem.get('ratio_of', 'tensor_peak_mb')]:.1f} | {mem.get('ratio_to_lora', float('nan')):.4f}"
-                    f" | {mem['peak_rss_mb']:.0f}")
-        lines.append(row)
-    if "memory" in r:
-        lines.append(f"peak memory: {next(iter(r['memory'].values())).get('ratio_of', 'tensor_peak_mb')} "
+             f"{r['machine']['device']} ({r['machine']['torch_threads']} threads)" +
+             (f"; {s['rounds']} rounds x {s['steps']} steps per method, interleaved" if "step" in r else ""), ""]
+    step, memory = r.get("step", {}), r.get("memory", {})
+    header = ["method"]
+    if step:
+        header += ["step ms (median)", "IQR", "ratio to LoRA"]
+    if memory:
+        header += ["peak memory MB", "ratio", "peak RSS MB"]
+    if step or memory:
+        lines.append(" | ".join(header))
+    for m in step or memory:
+        row = [m]
+        if step:
+            v = step[m]
+            row += [f"{v['median_ms']:.1f}", f"{v['q25_ms']:.1f}-{v['q75_ms']:.1f}", f"{v.get('ratio_to_lora', float('nan')):.3f}"]
+        if memory:
+            mem = memory[m]
+            row += [f"{mem[mem.get('ratio_of', 'tensor_peak_mb')]:.1f}", f"{mem.get('ratio_to_lora', float('nan')):.4f}",
+                    f"{mem['peak_rss_mb']:.0f}"]
+        lines.append(" | ".join(row))
+    if memory:
+        lines.append(f"peak memory: {next(iter(memory.values())).get('ratio_of', 'tensor_peak_mb')} "
                      "(tensor_peak_mb: live tensors at the peak of a profiled step)")
-    if "adalora" in r["step"] and "ratio_to_prilora" in r["step"]["adalora"]:
-        lines.append(f"AdaLoRA / PRILoRA step time: {r['step']['adalora']['ratio_to_prilora']:.3f}")
+    if "adalora" in step and "ratio_to_prilora" in step["adalora"]:
+        lines.append(f"AdaLoRA / PRILoRA step time: {step['adalora']['ratio_to_prilora']:.3f}")
     for e in r.get("event_cost", []):
         lines.append(f"pruning event: {e['a_params']:,} A parameters in {e['modules']} modules: "
                      f"{e['median_ms']:.2f} ms (median)")

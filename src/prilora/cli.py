@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     bench.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     bench.add_argument("--memory", action="store_true", help="also peak memory, one child process per method")
+    bench.add_argument("--no-timing", action="store_true",
+                       help="skip the step timing (memory needs no quiet machine; step times do)")
     bench.add_argument("--event-sizes", type=_sizes, default=[],
                        help="also time one pruning event at these A sizes, e.g. 1e5,1e6,1e7,1e8")
     bench.add_argument("--inference", action="store_true", help="also base vs unmerged vs merged forward passes")
@@ -497,6 +499,8 @@ def cmd_bench(args) -> int:
         raise RunError(f"--model {args.model!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local model folder")
     if args.json and os.path.isdir(args.json):
         raise RunError(f"--json {args.json} is a folder: pass a file path")
+    if args.no_timing and not (args.memory or args.event_sizes or args.inference):
+        raise RunError("--no-timing leaves nothing to measure: add --memory, --event-sizes or --inference")
     result = run_bench(args)
     print(format_result(result))
     if args.json:
