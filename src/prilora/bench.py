@@ -4,8 +4,9 @@ Step time: every method trains its own copy of the same model on the same fixed 
 methods take turns round by round (``rounds`` x ``steps`` timed steps each, after warm-up), so
 machine noise hits all alike; medians and quartiles, and ratios to LoRA from the same run.
 Peak memory: one child process per method; the peak bytes of live tensors over a profiled step
-(torch.profiler's memory timeline), the process's peak RSS, and on a GPU ``max_memory_allocated``. Also the cost of one pruning event
-against the number of A parameters, and inference of the merged model against the base model.
+(torch.profiler's memory timeline), the process's peak RSS, and on a GPU ``max_memory_allocated``.
+Also the cost of one pruning event against the number of A parameters, and inference of the
+merged model against the base model.
 
 Methods: ``lora`` (r=8 everywhere), ``linear`` (the 4->12 schedule without pruning: LoRA's FLOPs
 in uneven shapes), ``prilora`` (pruning every 10 steps, the default), ``prilora-every-step``
@@ -219,10 +220,10 @@ def measure_memory(args) -> dict:
         out[m] = json.loads(done.stdout.strip().splitlines()[-1])
     # The allocator's own peak on a GPU; on CPU the tensors' peak (RSS is kept for reference).
     key = "cuda_peak_mb" if all("cuda_peak_mb" in v for v in out.values()) else "tensor_peak_mb"
-    if "lora" in out:
-        for m in out:
+    for m in out:
+        out[m]["ratio_of"] = key  # the figure the table shows, with or without LoRA to compare against
+        if "lora" in out:
             out[m]["ratio_to_lora"] = out[m][key] / out["lora"][key]
-            out[m]["ratio_of"] = key
     return out
 
 
@@ -339,11 +340,11 @@ def format_result(r: dict) -> str:
             row += [f"{v['median_ms']:.1f}", f"{v['q25_ms']:.1f}-{v['q75_ms']:.1f}", f"{v.get('ratio_to_lora', float('nan')):.3f}"]
         if memory:
             mem = memory[m]
-            row += [f"{mem[mem.get('ratio_of', 'tensor_peak_mb')]:.1f}", f"{mem.get('ratio_to_lora', float('nan')):.4f}",
+            row += [f"{mem[mem['ratio_of']]:.1f}", f"{mem.get('ratio_to_lora', float('nan')):.4f}",
                     f"{mem['peak_rss_mb']:.0f}"]
         lines.append(" | ".join(row))
     if memory:
-        lines.append(f"peak memory: {next(iter(memory.values())).get('ratio_of', 'tensor_peak_mb')} "
+        lines.append(f"peak memory: {next(iter(memory.values()))['ratio_of']} "
                      "(tensor_peak_mb: live tensors at the peak of a profiled step)")
     if "adalora" in step and "ratio_to_prilora" in step["adalora"]:
         lines.append(f"AdaLoRA / PRILoRA step time: {step['adalora']['ratio_to_prilora']:.3f}")

@@ -63,7 +63,7 @@ def finish_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        wait_for_main_process()
         time.sleep(0.1)
         dist.destroy_process_group()
 
