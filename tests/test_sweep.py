@@ -124,6 +124,75 @@ learning-rate = 1e-3
     assert "holds run lr/rte/prilora/learning-rate=0.001-s0 with other settings (max_steps)" in err and "\n" not in err
 
 
+def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path, tiny_model_dir, glue_dir, capsys):
+    stages = """
+[[stages]]
+name = "lr"
+task = "rte"
+seed = 0
+variants = ["lora"]
+holdout = 16
+learning-rate = [1e-3]
+
+[[stages]]
+name = "dev"
+task = "rte"
+seed = 0
+variants = ["lora"]
+learning-rate = "select:lr"
+"""
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=stages)
+    assert main(["sweep", str(spec)]) == 0
+    out = tmp_path / "results" / "t.jsonl"
+    first_lr, first_dev = lines(out)
+    assert first_dev["learning_rate"] == 1e-3
+    # The grid grows by 5e-3, whose run (recorded here by hand, so its score is known) beats 1e-3.
+    spec.write_text(spec.read_text().replace("learning-rate = [1e-3]", "learning-rate = [1e-3, 5e-3]"))
+    grown = json.loads(json.dumps(first_lr))
+    grown["recipe"]["learning_rate"] = grown["learning_rate"] = 5e-3
+    grown["metrics"]["score"], grown["collapsed"] = first_lr["metrics"]["score"] + 0.5, False
+    grown["sweep"].update(run="lr/rte/lora/learning-rate=0.005-s0", axes={"learning-rate": 5e-3})
+    with open(out, "a") as f:
+        f.write(json.dumps(grown) + "\n")
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    err = capsys.readouterr().err
+    assert ("dev/rte/lora/s0 ran at learning-rate 0.001; its stage now chooses learning-rate 0.005: it runs again"
+            in err), err
+    rows = lines(out)
+    assert [r["sweep"]["run"] for r in rows] == ["lr/rte/lora/learning-rate=0.001-s0", "dev/rte/lora/s0",
+                                                 "lr/rte/lora/learning-rate=0.005-s0", "dev/rte/lora/s0"]
+    assert rows[1] == first_dev and rows[3]["learning_rate"] == 5e-3
+    assert rows[3]["sweep"]["selected"]["lr"]["chosen"] == {"learning-rate": 5e-3}
+    # The earlier run's folder is kept beside the new one, whole.
+    runs = tmp_path / "runs" / "dev" / "rte" / "lora"
+    old = json.loads((runs / "s0.superseded-1" / "results.json").read_text())
+    assert old["learning_rate"] == 1e-3 and (runs / "s0.superseded-1" / "adapter_model.safetensors").exists()
+    assert json.loads((runs / "s0" / "results.json").read_text())["learning_rate"] == 5e-3
+    # Nothing more to do; the report shows only the new dev line and says one was left out.
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    assert "3 runs, 3 done, 0 to run" in capsys.readouterr().err
+    report = tmp_path / "R.md"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "1 earlier line(s) of runs made again" in text
+    new = "- (0) [1 collapsed]" if rows[3]["collapsed"] else f"{100 * rows[3]['metrics']['score']:.2f} (1)"
+    assert f"| lora | {new} | - | " in text and "| rte 0.005 |" in text  # one run, not two
+    # An unfinished run at an earlier choice (run.json only) is set aside too; the run's own is kept.
+    sweep = Sweep(str(spec))
+    sweep.check()
+    sweep.collect_done(write=False)
+    dev = next(r for r in sweep.runs if r.stage == "dev")
+    for name in ("results.json", "adapter_model.safetensors"):
+        (runs / "s0" / name).unlink()
+    sweep.set_aside_earlier_choice(dev)
+    assert (runs / "s0" / "run.json").exists() and not (runs / "s0.superseded-2").exists()
+    (runs / "s0" / "run.json").write_text(json.dumps({"spec": {k: first_dev[k] for k in first_dev if k != "sweep"}}))
+    sweep.set_aside_earlier_choice(dev)
+    assert not (runs / "s0").exists() and (runs / "s0.superseded-2" / "run.json").exists()
+
+
 def test_selection_ranks_collapsed_last_and_keeps_grid_order():
     def line(lr, score, collapsed=False):
         return {"sweep": {"axes": {"learning-rate": lr}}, "metrics": {"score": score}, "collapsed": collapsed}

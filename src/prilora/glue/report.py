@@ -35,6 +35,18 @@ def load(paths: list[str]) -> list[dict]:
     return lines
 
 
+def latest(lines: list[dict]) -> tuple[list[dict], int]:
+    """The last line of every sweep run: a run made again (its stage's choice changed when the grid it
+    selects from grew) supersedes its earlier line, which the file keeps. Returns the lines kept and
+    the number left out."""
+    last = {}
+    for i, line in enumerate(lines):
+        sw = line.get("sweep")
+        last[(line["_file"], sw["name"], sw["run"]) if sw and sw.get("run") else i] = i
+    kept = sorted(last.values())
+    return [lines[i] for i in kept], len(lines) - len(kept)
+
+
 def group_key(line: dict) -> tuple[str, str]:
     """(table, variant): a sweep's stage and variant, or the file and method for lines without a sweep record."""
     sw = line.get("sweep")
@@ -216,7 +228,7 @@ def _slug(text: str) -> str:
 
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
                  command: str | None = None) -> str:
-    lines = load(paths)
+    lines, superseded = latest(load(paths))
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
     os.makedirs(plots_dir, exist_ok=True)
     rel = os.path.relpath(plots_dir, os.path.dirname(out) or ".")
@@ -229,7 +241,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
           "for learning-rate grids; CoLA MCC, STS-B mean of Pearson "
           "and Spearman, MNLI matched accuracy, accuracy elsewhere), mean ± sample standard deviation over seeds, "
           "(number of seeds), and runs that collapsed (constant predictions or a non-finite loss) counted apart, "
-          "not averaged in.", ""]
+          "not averaged in."
+          + (f" {superseded} earlier line(s) of runs made again after their learning-rate grid grew and chose "
+             "another value are left out (the files keep them)." if superseded else ""), ""]
     if notes:
         with open(notes) as f:
             md += [f.read().rstrip(), ""]

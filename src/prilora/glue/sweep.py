@@ -181,6 +181,10 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
     return settings, runs
 
 
+def _fmt_choice(choice: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in choice.items())
+
+
 def train_argv(flags: dict, output_dir: str) -> list[str]:
     argv = ["train"]
     for key, value in flags.items():
@@ -319,11 +323,17 @@ class Sweep:
                 if run.id in done or not self.resolve(run, done):
                     continue
                 line = recorded.get(run.id)
-                if line is not None:
-                    if spec_of_result(line) != run.spec:
+                if line is not None and spec_of_result(line) != run.spec:
+                    earlier = self.other_choice(run, spec_of_result(line))
+                    if earlier is None:
                         diff = [k for k in SPEC_FIELDS if line.get(k) != run.spec.get(k)]
                         raise SweepError(f"{self.out} holds run {run.id} with other settings ({', '.join(diff)}): "
                                          "the spec changed; rename the stage, or use a new output file")
+                    self.log(f"{run.id} ran at {_fmt_choice(earlier)}; its stage now chooses "
+                             f"{_fmt_choice(self.choice_of(run))}: it runs again (its line stays in {self.out}, "
+                             "superseded by the new one)")
+                    line = None
+                if line is not None:
                     run.line = line
                 else:
                     found = next(((p, dict(l)) for p, l in reusable if spec_of_result(l) == run.spec), None)
@@ -335,6 +345,8 @@ class Sweep:
                         with open(results) as f:
                             line = json.load(f)
                         if spec_of_result(line) != run.spec:
+                            if self.other_choice(run, spec_of_result(line)) is not None:
+                                continue  # made at an earlier choice: start() sets it aside
                             raise SweepError(f"{self.folder(run)} holds a finished run with other settings: "
                                              "move it away, or use another runs_dir")
                         self.record(run, line, write=write)
@@ -343,6 +355,45 @@ class Sweep:
                 done[run.id] = run
                 changed = True
         return done
+
+    def choice_of(self, run: PlannedRun) -> dict:
+        return {k: run.flags[k] for k in run.selects}
+
+    def other_choice(self, run: PlannedRun, spec: dict) -> dict | None:
+        """The values of the selected flags that ``spec`` was made with, when it is this very run at
+        another value of its source stage's grid (the stage gained runs, e.g. an extended grid, and
+        now chooses otherwise); None when it differs in anything else."""
+        if not run.selects:
+            return None
+        options = [{}]
+        for stage in sorted(set(run.selects.values())):
+            keys = [k for k, s in run.selects.items() if s == stage]
+            grid = {json.dumps({k: r.flags.get(k) for k in keys}, sort_keys=True) for r in self.runs
+                    if r.stage == stage and r.task == run.task and r.variant == run.variant}
+            options = [{**o, **json.loads(g)} for o in options for g in sorted(grid)]
+        for choice in options:
+            if choice != self.choice_of(run) and run_spec_of({**run.flags, **choice}, self.folder(run)) == spec:
+                return choice
+        return None
+
+    def set_aside_earlier_choice(self, run: PlannedRun) -> None:
+        """A folder holding this run made at an earlier choice (finished or not) moves to
+        ``<folder>.superseded-N``, so the run starts afresh and the old adapter is kept."""
+        folder = self.folder(run)
+        for name, key in ((RESULTS_FILE, None), (RUN_FILE, "spec")):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    data = json.load(f)
+                spec = spec_of_result(data if key is None else data[key])
+                if spec == run.spec or self.other_choice(run, spec) is None:
+                    return  # this run's own folder, or one that `prilora train` will refuse with its reason
+                n = 1
+                while os.path.exists(f"{folder}.superseded-{n}"):
+                    n += 1
+                os.replace(folder, f"{folder}.superseded-{n}")
+                self.log(f"{folder} was made at an earlier choice: moved to {folder}.superseded-{n}")
+                return
 
     def estimate(self, todo: list[PlannedRun], done: dict[str, PlannedRun]) -> str:
         times: dict[tuple, list[float]] = {}
@@ -366,6 +417,7 @@ class Sweep:
 
     def start(self, run: PlannedRun, threads: int) -> subprocess.Popen:
         folder = self.folder(run)
+        self.set_aside_earlier_choice(run)
         argv = train_argv(run.flags, folder) + ["--quiet"]
         if os.path.isfile(os.path.join(folder, RUN_FILE)):
             argv.append("--resume")
