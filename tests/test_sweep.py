@@ -146,11 +146,22 @@ learning-rate = "select:lr"
     out = tmp_path / "results" / "t.jsonl"
     first_lr, first_dev = lines(out)
     assert first_dev["learning_rate"] == 1e-3
-    # The grid grows by 5e-3, whose run (recorded here by hand, so its score is known) beats 1e-3.
-    spec.write_text(spec.read_text().replace("learning-rate = [1e-3]", "learning-rate = [1e-3, 5e-3]"))
+    # Scores are set by hand below, so that the choice is known. First the grid grows by 2e-3, whose
+    # run must train, and 1e-3 (score 2.0 here) stays the choice: the dev run, which waits for that new
+    # run, then finds itself already finished, mid-sweep, and is not made again.
+    first_lr["metrics"]["score"], first_lr["collapsed"] = 2.0, False
+    out.write_text(json.dumps(first_lr) + "\n" + json.dumps(first_dev) + "\n")
+    spec.write_text(spec.read_text().replace("learning-rate = [1e-3]", "learning-rate = [1e-3, 2e-3]"))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    assert "dev/rte/lora/s0: already finished at learning-rate 0.001" in capsys.readouterr().err
+    assert [r["sweep"]["run"] for r in lines(out)] == ["lr/rte/lora/learning-rate=0.001-s0", "dev/rte/lora/s0",
+                                                       "lr/rte/lora/learning-rate=0.002-s0"]
+    # Then it grows by 5e-3, whose run (recorded by hand) beats 1e-3: the dev run is made again.
+    spec.write_text(spec.read_text().replace("learning-rate = [1e-3, 2e-3]", "learning-rate = [1e-3, 2e-3, 5e-3]"))
     grown = json.loads(json.dumps(first_lr))
     grown["recipe"]["learning_rate"] = grown["learning_rate"] = 5e-3
-    grown["metrics"]["score"], grown["collapsed"] = first_lr["metrics"]["score"] + 0.5, False
+    grown["metrics"]["score"] = 3.0
     grown["sweep"].update(run="lr/rte/lora/learning-rate=0.005-s0", axes={"learning-rate": 5e-3})
     with open(out, "a") as f:
         f.write(json.dumps(grown) + "\n")
@@ -161,8 +172,11 @@ learning-rate = "select:lr"
             in err), err
     rows = lines(out)
     assert [r["sweep"]["run"] for r in rows] == ["lr/rte/lora/learning-rate=0.001-s0", "dev/rte/lora/s0",
+                                                 "lr/rte/lora/learning-rate=0.002-s0",
                                                  "lr/rte/lora/learning-rate=0.005-s0", "dev/rte/lora/s0"]
-    assert rows[1] == first_dev and rows[3]["learning_rate"] == 5e-3
+    assert rows[1] == first_dev
+    rows = rows[:2] + rows[3:]  # the 2e-3 run plays no part from here on
+    assert rows[3]["learning_rate"] == 5e-3
     assert rows[3]["sweep"]["selected"]["lr"]["chosen"] == {"learning-rate": 5e-3}
     # The earlier run's folder is kept beside the new one, whole.
     runs = tmp_path / "runs" / "dev" / "rte" / "lora"
@@ -172,7 +186,7 @@ learning-rate = "select:lr"
     # Nothing more to do; the report shows only the new dev line and says one was left out.
     capsys.readouterr()
     assert main(["sweep", str(spec)]) == 0
-    assert "3 runs, 3 done, 0 to run" in capsys.readouterr().err
+    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
     report = tmp_path / "R.md"
     assert main(["report", str(out), "--out", str(report)]) == 0
     text = report.read_text()

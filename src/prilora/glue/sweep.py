@@ -257,6 +257,9 @@ class Sweep:
         self.out = self.settings["output"]
         self.stream = stream
         self.failed: dict[str, str] = {}
+        self._recorded: dict[str, dict] = {}
+        self._reusable: list[tuple[str, dict]] = []
+        self._announced: set[str] = set()  # runs whose changed choice was logged
 
     def log(self, text: str) -> None:
         print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
@@ -313,48 +316,54 @@ class Sweep:
     def collect_done(self, write: bool = True) -> dict[str, PlannedRun]:
         """Runs already in the output file, in a reuse file, or finished in their folder (appended to the
         output file unless ``write`` is false)."""
-        recorded = {line["sweep"]["run"]: line for line in read_lines(self.out) if "sweep" in line}
-        reusable = [(p, line) for p in self.settings["reuse"] for line in read_lines(p)]
+        self._recorded = {line["sweep"]["run"]: line for line in read_lines(self.out) if "sweep" in line}
+        self._reusable = [(p, line) for p in self.settings["reuse"] for line in read_lines(p)]
         done: dict[str, PlannedRun] = {}
         changed = True
         while changed:  # resolving a selection can make later runs' specs known
             changed = False
             for run in self.runs:
-                if run.id in done or not self.resolve(run, done):
-                    continue
-                line = recorded.get(run.id)
-                if line is not None and spec_of_result(line) != run.spec:
-                    earlier = self.other_choice(run, spec_of_result(line))
-                    if earlier is None:
-                        diff = [k for k in SPEC_FIELDS if line.get(k) != run.spec.get(k)]
-                        raise SweepError(f"{self.out} holds run {run.id} with other settings ({', '.join(diff)}): "
-                                         "the spec changed; rename the stage, or use a new output file")
-                    self.log(f"{run.id} ran at {_fmt_choice(earlier)}; its stage now chooses "
-                             f"{_fmt_choice(self.choice_of(run))}: it runs again (its line stays in {self.out}, "
-                             "superseded by the new one)")
-                    line = None
-                if line is not None:
-                    run.line = line
-                else:
-                    found = next(((p, dict(l)) for p, l in reusable if spec_of_result(l) == run.spec), None)
-                    results = os.path.join(self.folder(run), RESULTS_FILE)
-                    if found:
-                        found[1].pop("sweep", None)
-                        self.record(run, found[1], reused_from=found[0], write=write)
-                    elif os.path.isfile(results):
-                        with open(results) as f:
-                            line = json.load(f)
-                        if spec_of_result(line) != run.spec:
-                            if self.other_choice(run, spec_of_result(line)) is not None:
-                                continue  # made at an earlier choice: start() sets it aside
-                            raise SweepError(f"{self.folder(run)} holds a finished run with other settings: "
-                                             "move it away, or use another runs_dir")
-                        self.record(run, line, write=write)
-                    else:
-                        continue
-                done[run.id] = run
-                changed = True
+                if run.id not in done and self.resolve(run, done) and self.finished_already(run, write):
+                    done[run.id] = run
+                    changed = True
         return done
+
+    def finished_already(self, run: PlannedRun, write: bool = True) -> bool:
+        """Whether this run (its spec resolved) is in the output file, a reuse file or its folder; recorded
+        in the output file when found elsewhere. Also asked of runs whose selection resolves mid-sweep."""
+        line = self._recorded.get(run.id)
+        if line is not None and spec_of_result(line) != run.spec:
+            earlier = self.other_choice(run, spec_of_result(line))
+            if earlier is None:
+                diff = [k for k in SPEC_FIELDS if line.get(k) != run.spec.get(k)]
+                raise SweepError(f"{self.out} holds run {run.id} with other settings ({', '.join(diff)}): "
+                                 "the spec changed; rename the stage, or use a new output file")
+            if run.id not in self._announced:
+                self._announced.add(run.id)
+                self.log(f"{run.id} ran at {_fmt_choice(earlier)}; its stage now chooses "
+                         f"{_fmt_choice(self.choice_of(run))}: it runs again (its line stays in {self.out}, "
+                         "superseded by the new one)")
+            line = None
+        if line is not None:
+            run.line = line
+            return True
+        found = next(((p, dict(l)) for p, l in self._reusable if spec_of_result(l) == run.spec), None)
+        if found:
+            found[1].pop("sweep", None)
+            self.record(run, found[1], reused_from=found[0], write=write)
+            return True
+        results = os.path.join(self.folder(run), RESULTS_FILE)
+        if not os.path.isfile(results):
+            return False
+        with open(results) as f:
+            line = json.load(f)
+        if spec_of_result(line) != run.spec:
+            if self.other_choice(run, spec_of_result(line)) is not None:
+                return False  # made at an earlier choice: start() sets it aside
+            raise SweepError(f"{self.folder(run)} holds a finished run with other settings: "
+                             "move it away, or use another runs_dir")
+        self.record(run, line, write=write)
+        return True
 
     def choice_of(self, run: PlannedRun) -> dict:
         return {k: run.flags[k] for k in run.selects}
@@ -460,6 +469,10 @@ class Sweep:
                     if ready is None:
                         break
                     todo.remove(ready)
+                    if self.finished_already(ready):  # its choice resolved now, to a run made before
+                        done[ready.id] = ready
+                        self.log(f"{ready.id}: already finished at {_fmt_choice(self.choice_of(ready))}")
+                        continue
                     running[ready.id] = (ready, self.start(ready, threads), time.time())
                     self.log(f"started {ready.id} ({len(running)} running)")
                 if not running:
