@@ -207,6 +207,48 @@ learning-rate = "select:lr"
     assert not (runs / "s0").exists() and (runs / "s0.superseded-2" / "run.json").exists()
 
 
+def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_dir, glue_dir, capsys):
+    stages = """
+[[stages]]
+name = "lr"
+task = "rte"
+seed = 0
+variants = ["lora"]
+holdout = 16
+grow-edges = 1
+learning-rate = [1e-3, 3e-2]
+
+[[stages]]
+name = "dev"
+task = "rte"
+seed = 0
+variants = ["lora"]
+learning-rate = "select:lr"
+"""
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=stages)
+    assert main(["sweep", str(spec)]) == 0
+    err = capsys.readouterr().err
+    rows = {r["sweep"]["run"]: r for r in lines(tmp_path / "results" / "t.jsonl")}
+    base = [rows[f"lr/rte/lora/learning-rate={lr:g}-s0"] for lr in (1e-3, 3e-2)]
+    # Of two values the best is always at an end: one value is added beyond it (x2 or /2), then no more.
+    keyed = [(-1e9 if r["collapsed"] else r["metrics"]["score"], -i) for i, r in enumerate(base)]
+    added = 3e-2 * 2 if keyed.index(max(keyed)) == 1 else 1e-3 / 2
+    grown = rows[f"lr/rte/lora/learning-rate={added:g}-s0"]
+    assert grown["learning_rate"] == added and grown["sweep"]["grown"] and not base[0]["sweep"]["grown"]
+    assert f"is at the end of the grid 0.001,0.03: learning-rate {added:g} added (grow-edges = 1)" in err
+    assert len(rows) == 4
+    grid = [1e-3, 3e-2, added]
+    keyed = [(-1e9 if r["collapsed"] else r["metrics"]["score"], -i) for i, r in enumerate(base + [grown])]
+    assert rows["dev/rte/lora/s0"]["learning_rate"] == grid[keyed.index(max(keyed))]
+    assert rows["dev/rte/lora/s0"]["sweep"]["selected"]["lr"]["runs"] == 3
+    # Again: the same growth is planned from the recorded lines, and nothing runs.
+    assert main(["sweep", str(spec)]) == 0
+    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
+    report = tmp_path / "R.md"
+    assert main(["report", str(tmp_path / "results" / "t.jsonl"), "--out", str(report)]) == 0
+    assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
+
+
 def test_selection_ranks_collapsed_last_and_keeps_grid_order():
     def line(lr, score, collapsed=False):
         return {"sweep": {"axes": {"learning-rate": lr}}, "metrics": {"score": score}, "collapsed": collapsed}
@@ -217,6 +259,23 @@ def test_selection_ranks_collapsed_last_and_keeps_grid_order():
     assert means["0.002"] == float("-inf")
     chosen, _ = select_values([line(1e-3, 0.5), line(1e-3, 0.7), line(5e-4, 0.61)], ["learning-rate"])
     assert chosen == {"learning-rate": 5e-4}  # means 0.6 vs 0.61
+
+
+def test_grow_edges_needs_one_numeric_axis(tmp_path, tiny_model_dir, glue_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages="""
+[[stages]]
+name = "lr"
+task = "rte"
+seed = 0
+grow-edges = 1
+learning-rate = [1e-3, 2e-3]
+prune-ratio = [0.25, 0.5]
+variants = ["prilora"]
+""")
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stage 'lr': grow-edges needs exactly one grid axis of positive numbers (e.g. learning-rate), " \
+           "found ['learning-rate', 'prune-ratio']" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("change, message", [

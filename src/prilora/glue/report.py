@@ -135,9 +135,13 @@ def selection_table(lines: list[dict]) -> list[str]:
             these = [x for x in glines if x["sweep"]["axes"].get(key) == v]
             text = fmt_cell(cell(these)) if these else ""
             cells.append(f"**{text}**" if these and v == chosen[key] else text)
-        grid = {x["sweep"]["axes"].get(key) for x in lines if group_key(x)[1] == variant}  # this method's grid
-        complete = {x["sweep"]["axes"].get(key) for x in glines} == grid
+        grid = {x["sweep"]["axes"].get(key) for x in lines  # this method's grid, before any growth
+                if group_key(x)[1] == variant and not x["sweep"].get("grown")}
+        complete = grid <= {x["sweep"]["axes"].get(key) for x in glines}
         choice = _value(chosen[key]) if complete else f"{_value(chosen[key])} so far (grid unfinished)"
+        grown = sorted({x["sweep"]["axes"].get(key) for x in glines if x["sweep"].get("grown")})
+        if grown:
+            choice += f" (grid grown by {', '.join(_value(v) for v in grown)})"
         out.append(f"| {task} | {variant} | " + " | ".join(cells) + f" | {choice} |")
     return out
 

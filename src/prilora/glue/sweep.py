@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none
 
 SPEC_KEYS = {"name", "description", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
-STAGE_KEYS = {"name", "task", "seed", "variants"}  # besides flags of `prilora train`
+STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
 FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
 SELECT = "select:"
 
@@ -51,6 +51,7 @@ class PlannedRun:
     axes: dict = field(default_factory=dict)
     selects: dict = field(default_factory=dict)  # flag -> stage its value is chosen from
     selection: dict | None = None  # what was chosen, and the mean score of every candidate
+    grown: bool = False  # added to its stage's grid because the best value sat at an end (grow-edges)
 
     def __post_init__(self):
         self.selects = {k: v[len(SELECT):] for k, v in self.flags.items()
@@ -110,7 +111,7 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         raise SweepError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
     settings = {"name": name, "output": data.get("output", f"results/{name}.jsonl"),
                 "runs_dir": data.get("runs_dir", f"runs/sweeps/{name}"), "jobs": data.get("jobs", 1),
-                "reuse": _as_list(data.get("reuse", []))}
+                "reuse": _as_list(data.get("reuse", [])), "grow": {}}
     if not isinstance(settings["jobs"], int) or settings["jobs"] < 1:
         raise SweepError(f"{path}: jobs must be an integer >= 1, got {settings['jobs']!r}")
     known = _flag_names() - FORBIDDEN
@@ -148,6 +149,17 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         if missing:
             raise SweepError(f"{path}: stage {sname!r} names variant {missing[0]!r}, which [variants] does not define")
         axes_keys = [k for k in stage if k not in STAGE_KEYS]
+        grow = stage.get("grow-edges", 0)
+        if grow:
+            if not isinstance(grow, int) or grow < 0:
+                raise SweepError(f"{path}: stage {sname!r}: grow-edges must be an integer >= 0, got {grow!r}")
+            lists = [k for k in axes_keys if isinstance(stage[k], list) or (
+                isinstance(stage[k], dict) and any(isinstance(v, list) for v in stage[k].values()))]
+            values = [v for k in lists for v in (stage[k].values() if isinstance(stage[k], dict) else [stage[k]])]
+            if len(lists) != 1 or not all(isinstance(x, (int, float)) and x > 0 for v in values for x in _as_list(v)):
+                raise SweepError(f"{path}: stage {sname!r}: grow-edges needs exactly one grid axis of positive "
+                                 f"numbers (e.g. learning-rate), found {lists or 'none'}")
+            settings["grow"][sname] = grow
         for task, variant in itertools.product(_as_list(stage["task"]), chosen):
             fixed = {**defaults, **variants[variant]}
             values = {}
@@ -260,6 +272,7 @@ class Sweep:
         self._recorded: dict[str, dict] = {}
         self._reusable: list[tuple[str, dict]] = []
         self._announced: set[str] = set()  # runs whose changed choice was logged
+        self.added: list[PlannedRun] = []  # runs planned by grow(), not yet handed to the run loop
 
     def log(self, text: str) -> None:
         print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
@@ -292,17 +305,46 @@ class Sweep:
             if any(r.id not in done for r in source):
                 return False
             choice, means = select_values([done[r.id].line for r in source], keys)
+            if self.grow(stage, source, keys, choice):
+                return False
             flags.update(choice)
             run.selection[stage] = {"chosen": choice, "mean_score": means, "runs": len(source)}
         run.flags = flags
         run.spec = run_spec_of(flags, self.folder(run))
         return True
 
+    def grow(self, stage: str, source: list[PlannedRun], keys: list[str], choice: dict) -> bool:
+        """With ``grow-edges = N`` on the source stage: when the chosen value is the largest (smallest) of
+        the grid so far, plan runs at twice (half) that value, at most N per task and variant. True when
+        runs were added, so that the selecting run waits for them."""
+        limit = self.settings["grow"].get(stage, 0)
+        if not limit or len(keys) != 1 or sum(r.grown for r in source) >= limit * len({r.seed for r in source}):
+            return False
+        key = keys[0]
+        grid = sorted({r.flags[key] for r in source})
+        if len(grid) < 2 or choice[key] not in (grid[0], grid[-1]):
+            return False
+        value = grid[-1] * 2 if choice[key] == grid[-1] else grid[0] / 2
+        at = self.runs.index(source[-1]) + 1
+        for template in {r.seed: r for r in source}.values():
+            flags = {**template.flags, key: value}
+            tag = ",".join(f"{k}={_fmt(flags[k])}" for k in template.axes)
+            new = PlannedRun(f"{stage}/{template.task}/{template.variant}/{tag}-s{template.seed}", stage,
+                             template.task, template.variant, template.seed, flags,
+                             axes={k: flags[k] for k in template.axes}, grown=True)
+            new.spec = run_spec_of(flags, self.folder(new))
+            self.runs.insert(at, new)
+            self.added.append(new)
+            at += 1
+        self.log(f"{stage}/{source[0].task}/{source[0].variant}: best {key} {_fmt(choice[key])} is at the end "
+                 f"of the grid {_fmt(grid)}: {key} {_fmt(value)} added (grow-edges = {limit})")
+        return True
+
     def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
         argv = train_argv(run.flags, self.folder(run))
         result["sweep"] = {"spec": self.path, "name": self.settings["name"], "stage": run.stage,
                            "variant": run.variant, "run": run.id, "axes": {k: run.flags[k] for k in run.axes},
-                           "selected": run.selection or None,
+                           "selected": run.selection or None, "grown": run.grown,
                            "command": "prilora " + " ".join(argv), "reused_from": reused_from}
         run.line = result
         if not write:
@@ -322,7 +364,7 @@ class Sweep:
         changed = True
         while changed:  # resolving a selection can make later runs' specs known
             changed = False
-            for run in self.runs:
+            for run in list(self.runs):  # grow() may add runs: the next pass sees them
                 if run.id not in done and self.resolve(run, done) and self.finished_already(run, write):
                     done[run.id] = run
                     changed = True
@@ -445,6 +487,7 @@ class Sweep:
         self.check()
         done = self.collect_done(write=not dry_run)
         todo = [r for r in self.runs if r.id not in done]
+        self.added.clear()
         self.log(f"{len(self.runs)} runs, {len(done)} done, {len(todo)} to run -> {self.out}"
                  + (f"; {self.estimate(todo, done)}" if todo else ""))
         if dry_run:
@@ -466,6 +509,10 @@ class Sweep:
             while (todo or running) and stop["signal"] is None:
                 while len(running) < self.jobs:
                     ready = next((r for r in todo if self._ready(r, done)), None)
+                    if self.added:  # planned by grow() while looking: they go first
+                        todo[:0], ready = self.added, None
+                        self.added = []
+                        continue
                     if ready is None:
                         break
                     todo.remove(ready)
