@@ -249,6 +249,39 @@ learning-rate = "select:lr"
     assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
 
 
+def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_dir, glue_dir, capsys):
+    one = write_spec(tmp_path, tiny_model_dir, glue_dir, name="one", stages="""
+[[stages]]
+name = "dev"
+task = "rte"
+seed = 0
+variants = ["lora"]
+""")
+    two = write_spec(tmp_path, tiny_model_dir, glue_dir, name="two", stages="""
+[[stages]]
+name = "dev"
+task = "rte"
+seed = [0, 1]
+variants = ["lora"]
+""")
+    two.write_text(two.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "results" / "one.jsonl"}"]'))
+    bad = write_spec(tmp_path, tiny_model_dir, glue_dir, name="bad", stages="""
+[[stages]]
+name = "dev"
+task = "rte"
+seed = 0
+variants = ["lora"]
+prune-ratio = 0.5
+""")
+    assert main(["sweep", str(one), str(bad)]) == 2
+    assert "bad.toml: run dev/rte/lora/s0: --prune-ratio does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    assert main(["sweep", str(one), str(two)]) == 0
+    err = capsys.readouterr().err
+    assert err.index("sweep one: finished") < err.index("sweep two: 2 runs, 1 done, 1 to run")  # one's seed 0 reused
+    assert len(lines(tmp_path / "results" / "two.jsonl")) == 2
+
+
 def test_selection_ranks_collapsed_last_and_keeps_grid_order():
     def line(lr, score, collapsed=False):
         return {"sweep": {"axes": {"learning-rate": lr}}, "metrics": {"score": score}, "collapsed": collapsed}

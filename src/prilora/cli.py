@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "seeds), skipping finished runs and resuming unfinished ones, and append each finished "
                     "run's results.json to the spec's JSON-lines file. See docs/SWEEPS.md.",
     )
-    sweep.add_argument("spec", help="a .toml, .yaml or .yml file (e.g. experiments/main-table.toml)")
+    sweep.add_argument("spec", nargs="+",
+                       help="a .toml, .yaml or .yml file (e.g. experiments/main-table.toml); several run one after "
+                            "another, all checked before the first starts")
     sweep.add_argument("--jobs", type=int, default=None,
                        help="runs at a time, each with CPU cores / jobs threads (default: the spec's jobs, or 1)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
@@ -524,7 +526,15 @@ def cmd_sweep(args) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
-    return Sweep(args.spec, jobs=args.jobs).run(dry_run=args.dry_run)
+    sweeps = [Sweep(path, jobs=args.jobs) for path in args.spec]
+    for sweep in sweeps:
+        sweep.check()  # a bad later spec fails now, not hours into the first
+    code = 0
+    for sweep in sweeps:
+        code = max(code, sweep.run(dry_run=args.dry_run))
+        if code == 130:  # interrupted: the rest wait for the same command
+            break
+    return code
 
 
 def main(argv=None) -> int:
