@@ -41,6 +41,13 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     rows.append(line("cola", "lora", 0, 0.3, stage="lr", lr=5e-4, holdout=0.1))  # one of three grid values
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
     assert "| cola | lora | **30.00 (1)** |  |  | 0.0005 so far (grid unfinished) |" in out.read_text()
+    # PRILoRA against LoRA on MRPC: Welch's test as scipy computes it; CoLA has no LoRA row to test.
+    from scipy.stats import ttest_ind
+
+    test = ttest_ind(p, [81.0, 77.0], equal_var=False)
+    assert (f"| mrpc | lora | {statistics.fmean(p) - 79.0:+.2f} | {test.statistic:.2f} | {test.df:.1f} | "
+            f"{test.pvalue:.3f} | 3 vs 2 |") in text
+    assert "| cola | lora |" not in text
     for png in ("scores-study---dev.png", "ranks.png", "sparsity.png"):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"(results/{png})" in text

@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
     report.add_argument("--plots", default=None, help="folder for the PNGs (default: results/ beside --out)")
     report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
+    report.add_argument("--reference", default="prilora",
+                        help="variant that every other row of a dev table is tested against (default prilora)")
     return parser
 
 
@@ -515,7 +517,7 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .glue.report import build_report
 
-    text = build_report(args.results, args.out, plots_dir=args.plots, notes=args.notes,
+    text = build_report(args.results, args.out, plots_dir=args.plots, notes=args.notes, reference=args.reference,
                         command="prilora report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None)
     print(f"wrote {args.out} ({len(text.splitlines())} lines)")
     return 0

@@ -112,6 +112,45 @@ def result_table(lines: list[dict]) -> tuple[list[str], dict]:
     return out, cells
 
 
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
+    """Welch's t, its degrees of freedom (Welch-Satterthwaite) and the two-sided p; None when either side
+    has fewer than two runs or both have no spread."""
+    from scipy.stats import t as student_t
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return None
+    t = (statistics.fmean(a) - statistics.fmean(b)) / (va + vb) ** 0.5
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return t, df, 2 * student_t.sf(abs(t), df)
+
+
+def comparison_table(lines: list[dict], reference: str) -> list[str]:
+    """The reference variant against every other, per task: difference of the mean scores (points) and
+    Welch's t-test over seeds; collapsed runs are left out, as in the score table."""
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for line in lines:
+        if not line.get("collapsed") and (line.get("metrics") or {}).get("score") is not None:
+            scores[(line["task"], group_key(line)[1])].append(100 * line["metrics"]["score"])
+    variants = list(dict.fromkeys(group_key(line)[1] for line in lines))
+    if reference not in variants:
+        return []
+    out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | seeds |", "|---|---|---|---|---|---|---|"]
+    for task in _tasks(lines):
+        a = scores.get((task, reference), [])
+        for variant in variants:
+            b = scores.get((task, variant), [])
+            if variant == reference or not a or not b:
+                continue
+            test = welch(a, b)
+            stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
+            out.append(f"| {task} | {variant} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
+                       f"{len(a)} vs {len(b)} |")
+    return out if len(out) > 2 else []
+
+
 def _value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -231,7 +270,7 @@ def _slug(text: str) -> str:
 
 
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
-                 command: str | None = None) -> str:
+                 command: str | None = None, reference: str = "prilora") -> str:
     lines, superseded = latest(load(paths))
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
     os.makedirs(plots_dir, exist_ok=True)
@@ -265,6 +304,11 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             png = f"scores-{_slug(name)}.png"
             plot_scores(cells, _tasks(tlines), name, os.path.join(plots_dir, png))
             md += ["", f"![scores: {name}]({rel}/{png})"]
+            compared = comparison_table(tlines, reference)
+            if compared:
+                md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
+                       "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps)."
+                       " Not corrected for the number of comparisons.", ""] + compared
         md.append("")
     if plot_ranks(lines, os.path.join(plots_dir, "ranks.png")):
         md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
