@@ -1,11 +1,15 @@
 """`prilora sweep`: planning, selection from an earlier stage, skipping, reuse, and spec errors."""
 
+import glob
 import json
+import os
 
 import pytest
 
 from prilora.cli import main
 from prilora.glue.sweep import Sweep, select_values
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_spec(tmp_path, tiny_model_dir, glue_dir, extra_defaults="", stages=None, name="t"):
@@ -341,3 +345,13 @@ def test_spec_file_errors(tmp_path, capsys):
     (tmp_path / "n.toml").write_text('name = "x"\n')
     assert main(["sweep", str(tmp_path / "n.toml")]) == 2
     assert "needs at least one [[stages]] entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", sorted(glob.glob(os.path.join(ROOT, "experiments", "*.toml"))),
+                         ids=os.path.basename)
+def test_committed_specs_are_valid(spec, monkeypatch):
+    """Every spec of the study plans, and every run's flags pass prilora train's checks."""
+    monkeypatch.chdir(ROOT)
+    sweep = Sweep(os.path.relpath(spec, ROOT))
+    sweep.check()
+    assert sweep.runs and len({r.id for r in sweep.runs}) == len(sweep.runs)
