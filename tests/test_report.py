@@ -22,6 +22,8 @@ def write(path, rows):
 def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     history = [[10, 0.0, 0.5], [20, 0.1, 0.5], [30, 0.12, 0.5]]
     rows = [line("mrpc", "prilora", s, v, pruning_history=history) for s, v in enumerate([0.80, 0.78, 0.79])]
+    for row, f in zip(rows, [0.85, 0.84, 0.86]):
+        row["metrics"].update(accuracy=row["metrics"]["score"], f1=f)
     rows += [line("mrpc", "lora", s, v) for s, v in enumerate([0.81, 0.77])]
     rows += [line("mrpc", "lora", 2, 0.684, collapsed=True)]
     rows += [line("cola", "prilora", s, v) for s, v in enumerate([0.30, 0.34, 0.29])]
@@ -41,6 +43,9 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     rows.append(line("cola", "lora", 0, 0.3, stage="lr", lr=5e-4, holdout=0.1))  # one of three grid values
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
     assert "| cola | lora | **30.00 (1)** |  |  | 0.0005 so far (grid unfinished) |" in out.read_text()
+    # MRPC's F1 beside its accuracy, over the same runs (collapsed ones left out).
+    f1 = [0.85, 0.84, 0.86]
+    assert f"| prilora | {statistics.fmean(f1) * 100:.2f} ± {statistics.stdev(f1) * 100:.2f} (3) |" in text
     # PRILoRA against LoRA on MRPC: Welch's test as scipy computes it; CoLA has no LoRA row to test.
     from scipy.stats import ttest_ind
 

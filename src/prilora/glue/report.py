@@ -112,6 +112,28 @@ def result_table(lines: list[dict]) -> tuple[list[str], dict]:
     return out, cells
 
 
+def metrics_table(lines: list[dict]) -> list[str]:
+    """The other metrics of each task (MRPC F1, STS-B Pearson and Spearman, CoLA accuracy, ...), mean ± std
+    over the same runs as the score table."""
+    columns = [(t, m) for t in _tasks(lines) for m in sorted({m for x in lines if x["task"] == t
+                                                               for m in (x.get("metrics") or {})})
+               if m not in ("score", TASKS[t].score_metric)]
+    if not columns:
+        return []
+    out = ["| method | " + " | ".join(f"{t} {m}" for t, m in columns) + " |", "|---|" + "---|" * len(columns)]
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_variant[group_key(line)[1]].append(line)
+    for variant, vlines in by_variant.items():
+        cells = []
+        for t, m in columns:
+            these = [{**x, "metrics": {"score": x["metrics"].get(m)}} for x in vlines
+                     if x["task"] == t and m in (x.get("metrics") or {})]
+            cells.append(fmt_cell(cell(these)) if these else "")
+        out.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return out
+
+
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
     """Welch's t, its degrees of freedom (Welch-Satterthwaite) and the two-sided p; None when either side
     has fewer than two runs or both have no spread."""
@@ -304,6 +326,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             png = f"scores-{_slug(name)}.png"
             plot_scores(cells, _tasks(tlines), name, os.path.join(plots_dir, png))
             md += ["", f"![scores: {name}]({rel}/{png})"]
+            others = metrics_table(tlines)
+            if others:
+                md += ["", "Other metrics (x 100), over the same runs:", ""] + others
             compared = comparison_table(tlines, reference)
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
