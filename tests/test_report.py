@@ -53,7 +53,7 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     assert (f"| mrpc | lora | {statistics.fmean(p) - 79.0:+.2f} | {test.statistic:.2f} | {test.df:.1f} | "
             f"{test.pvalue:.3f} | 3 vs 2 |") in text
     assert "| cola | lora |" not in text
-    for png in ("scores-study---dev.png", "ranks.png", "sparsity.png"):
+    for png in ("scores-study---dev.png", "grid-study---lr.png", "ranks.png", "sparsity.png"):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"(results/{png})" in text
 

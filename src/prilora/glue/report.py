@@ -12,7 +12,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from .sweep import read_lines, select_values
+from .sweep import read_lines, score_of, select_values
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -230,6 +230,53 @@ def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def plot_grid(lines: list[dict], title: str, path: str) -> bool:
+    """Held-out score against the grid value, one panel per task and one line per variant; collapsed
+    runs are drawn as crosses on the panel's floor, the chosen value as a ring."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_keys = sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
+    if len(axes_keys) != 1 or not all(isinstance(line["sweep"]["axes"].get(axes_keys[0]), (int, float))
+                                      for line in lines):
+        return False
+    key, tasks = axes_keys[0], _tasks(lines)
+    colors = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(group_key(line)[1] for line in lines))}
+    fig, panels = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1.6, 3.0), squeeze=False)
+    for ax, task in zip(panels[0], tasks):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for line in lines:
+            if line["task"] == task:
+                groups[group_key(line)[1]].append(line)
+        ok = [100 * score_of(x) for g in groups.values() for x in g if score_of(x) != float("-inf")]
+        floor = min(ok) - 2 if ok else 0.0
+        for variant, glines in groups.items():
+            glines = sorted(glines, key=lambda x: x["sweep"]["axes"][key])
+            xs = [x["sweep"]["axes"][key] for x in glines]
+            ys = [100 * score_of(x) if score_of(x) != float("-inf") else None for x in glines]
+            color = colors[variant]
+            ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
+                    marker="o", linewidth=1, color=color)
+            dead = [x for x, y in zip(xs, ys) if y is None]
+            ax.plot(dead, [floor] * len(dead), "x", color=color)
+            chosen = select_values(glines, [key])[0][key]
+            best = [y for x, y in zip(xs, ys) if x == chosen and y is not None]
+            ax.plot([chosen] * len(best), best, "o", markersize=10, fillstyle="none", color=color)
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel(key)
+    panels[0][0].set_ylabel("held-out score x 100")
+    fig.legend([plt.Line2D([], [], color=c, marker="o") for c in colors.values()], list(colors),
+               loc="center right", fontsize=7)
+    fig.suptitle(f"{title}: ring = chosen, x = collapsed", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.2 / (3.2 * len(tasks) + 1.6), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_ranks(lines: list[dict], path: str) -> bool:
     import matplotlib
 
@@ -320,6 +367,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
         md += [f"## {name}" + (" (scored on a held-out part of train)" if held_out else ""), ""]
         if held_out:
             md += selection_table(tlines)
+            png = f"grid-{_slug(name)}.png"
+            if plot_grid(tlines, name, os.path.join(plots_dir, png)):
+                md += ["", f"![grid: {name}]({rel}/{png})"]
         else:
             table, cells = result_table(tlines)
             md += table
