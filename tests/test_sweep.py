@@ -128,15 +128,17 @@ learning-rate = 1e-3
     assert "holds run lr/rte/prilora/learning-rate=0.001-s0 with other settings (max_steps)" in err and "\n" not in err
 
 
-def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path, tiny_model_dir, glue_dir, capsys):
-    stages = """
+def lora_lr_then_dev(grid: str, lr_extra: str = "") -> str:
+    """LoRA at every rate of ``grid`` (a TOML list) on 16 held-out examples, then one dev run at the best."""
+    return f"""
 [[stages]]
 name = "lr"
 task = "rte"
 seed = 0
 variants = ["lora"]
 holdout = 16
-learning-rate = [1e-3]
+{lr_extra}
+learning-rate = {grid}
 
 [[stages]]
 name = "dev"
@@ -145,7 +147,10 @@ seed = 0
 variants = ["lora"]
 learning-rate = "select:lr"
 """
-    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=stages)
+
+
+def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path, tiny_model_dir, glue_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=lora_lr_then_dev("[1e-3]"))
     assert main(["sweep", str(spec)]) == 0
     out = tmp_path / "results" / "t.jsonl"
     first_lr, first_dev = lines(out)
@@ -212,24 +217,7 @@ learning-rate = "select:lr"
 
 
 def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_dir, glue_dir, capsys):
-    stages = """
-[[stages]]
-name = "lr"
-task = "rte"
-seed = 0
-variants = ["lora"]
-holdout = 16
-grow-edges = 1
-learning-rate = [1e-3, 3e-2]
-
-[[stages]]
-name = "dev"
-task = "rte"
-seed = 0
-variants = ["lora"]
-learning-rate = "select:lr"
-"""
-    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=stages)
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=lora_lr_then_dev("[1e-3, 3e-2]", "grow-edges = 1"))
     assert main(["sweep", str(spec)]) == 0
     err = capsys.readouterr().err
     rows = {r["sweep"]["run"]: r for r in lines(tmp_path / "results" / "t.jsonl")}
@@ -254,29 +242,12 @@ learning-rate = "select:lr"
 
 
 def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_dir, glue_dir, capsys):
-    one = write_spec(tmp_path, tiny_model_dir, glue_dir, name="one", stages="""
-[[stages]]
-name = "dev"
-task = "rte"
-seed = 0
-variants = ["lora"]
-""")
-    two = write_spec(tmp_path, tiny_model_dir, glue_dir, name="two", stages="""
-[[stages]]
-name = "dev"
-task = "rte"
-seed = [0, 1]
-variants = ["lora"]
-""")
+    def lora_dev(name, seeds, extra=""):
+        stage = f'[[stages]]\nname = "dev"\ntask = "rte"\nseed = {seeds}\nvariants = ["lora"]\n{extra}\n'
+        return write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
+
+    one, two, bad = lora_dev("one", 0), lora_dev("two", [0, 1]), lora_dev("bad", 0, "prune-ratio = 0.5")
     two.write_text(two.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "results" / "one.jsonl"}"]'))
-    bad = write_spec(tmp_path, tiny_model_dir, glue_dir, name="bad", stages="""
-[[stages]]
-name = "dev"
-task = "rte"
-seed = 0
-variants = ["lora"]
-prune-ratio = 0.5
-""")
     assert main(["sweep", str(one), str(bad)]) == 2
     assert "bad.toml: run dev/rte/lora/s0: --prune-ratio does not apply" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
