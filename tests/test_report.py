@@ -58,6 +58,19 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
         assert f"(results/{png})" in text
 
 
+def test_sweeps_that_name_one_table_share_it(tmp_path):
+    rows = [line("mrpc", "prilora", s, v) for s, v in enumerate([0.80, 0.78])]
+    rows += [line("sst2", "prilora", s, v) for s, v in enumerate([0.85, 0.87])]
+    for row in rows[2:]:
+        row["sweep"].update(name="sst2-subset", table="study")  # a second sweep shown in the first's table
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("## study / dev") == 1 and "sst2-subset" not in text
+    assert "| method | sst2 | mrpc | average |" in text  # GLUE's order
+    assert "| prilora | 86.00 ± 1.41 (2) | 79.00 ± 1.41 (2) | 82.50 |" in text
+
+
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"

@@ -48,10 +48,11 @@ def latest(lines: list[dict]) -> tuple[list[dict], int]:
 
 
 def group_key(line: dict) -> tuple[str, str]:
-    """(table, variant): a sweep's stage and variant, or the file and method for lines without a sweep record."""
+    """(table, variant): a sweep's table (its name unless the spec sets ``table``) and stage, and its variant;
+    or the file and method for lines without a sweep record."""
     sw = line.get("sweep")
     if sw:
-        return f"{sw['name']} / {sw['stage']}", sw["variant"]
+        return f"{sw.get('table') or sw['name']} / {sw['stage']}", sw["variant"]
     return os.path.basename(line["_file"]), line.get("method", "?")
 
 

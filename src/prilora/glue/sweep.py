@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none
 
-SPEC_KEYS = {"name", "description", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
+SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
 FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
 SELECT = "select:"
@@ -109,7 +109,7 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(SPEC_KEYS)}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise SweepError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
-    settings = {"name": name, "output": data.get("output", f"results/{name}.jsonl"),
+    settings = {"name": name, "table": data.get("table", name), "output": data.get("output", f"results/{name}.jsonl"),
                 "runs_dir": data.get("runs_dir", f"runs/sweeps/{name}"), "jobs": data.get("jobs", 1),
                 "reuse": _as_list(data.get("reuse", [])), "grow": {}}
     if not isinstance(settings["jobs"], int) or settings["jobs"] < 1:
@@ -342,7 +342,8 @@ class Sweep:
 
     def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
         argv = train_argv(run.flags, self.folder(run))
-        result["sweep"] = {"spec": self.path, "name": self.settings["name"], "stage": run.stage,
+        result["sweep"] = {"spec": self.path, "name": self.settings["name"], "table": self.settings["table"],
+                           "stage": run.stage,
                            "variant": run.variant, "run": run.id, "axes": {k: run.flags[k] for k in run.axes},
                            "selected": run.selection or None, "grown": run.grown,
                            "command": "prilora " + " ".join(argv), "reused_from": reused_from}
