@@ -9,7 +9,9 @@ one JSON-lines file with a ``sweep`` record (stage, variant, run id, the exact c
 
 Runs are identified by what decides their outcome (the RunSpec that ``prilora train`` builds),
 so a finished run is never redone, a changed spec is caught instead of mixed in, and runs
-finished elsewhere with the same settings (``reuse = [...]``) count as done.
+finished elsewhere with the same settings (``reuse = [...]``) count as done. The one change
+allowed under recorded runs is a grid that grows (by hand, or by ``grow-edges`` when the best
+value sits at an end): the runs that select from it then follow the new choice.
 """
 
 from __future__ import annotations
@@ -343,10 +345,9 @@ class Sweep:
     def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
         argv = train_argv(run.flags, self.folder(run))
         result["sweep"] = {"spec": self.path, "name": self.settings["name"], "table": self.settings["table"],
-                           "stage": run.stage,
-                           "variant": run.variant, "run": run.id, "axes": {k: run.flags[k] for k in run.axes},
-                           "selected": run.selection or None, "grown": run.grown,
-                           "command": "prilora " + " ".join(argv), "reused_from": reused_from}
+                           "stage": run.stage, "variant": run.variant, "run": run.id,
+                           "axes": {k: run.flags[k] for k in run.axes}, "selected": run.selection or None,
+                           "grown": run.grown, "command": "prilora " + " ".join(argv), "reused_from": reused_from}
         run.line = result
         if not write:
             return
@@ -510,8 +511,8 @@ class Sweep:
             while (todo or running) and stop["signal"] is None:
                 while len(running) < self.jobs:
                     ready = next((r for r in todo if self._ready(r, done)), None)
-                    if self.added:  # planned by grow() while looking: they go first
-                        todo[:0], ready = self.added, None
+                    if self.added:  # grow() planned runs while looking: they go first
+                        todo[:0] = self.added
                         self.added = []
                         continue
                     if ready is None:
