@@ -38,11 +38,13 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
            f"{statistics.fmean(p):.2f} ± {statistics.stdev(p):.2f} (3) | {statistics.fmean([31.0, 79.0]):.2f} |" in text
     # LoRA: the collapsed seed is counted, not averaged in; no average without every task.
     assert f"| lora | - (0) | {statistics.fmean([81, 77]):.2f} ± {statistics.stdev([81, 77]):.2f} (2) [1 collapsed] | - |" in text
-    assert "| mrpc | lora | **82.00 (1)** | 80.00 (1) | - (0) [1 collapsed] | 0.0005 |" in text
+    assert ("| mrpc | lora | **0.0005: 82.00 (1)** · 0.001: 80.00 (1) · 0.002: - (0) [1 collapsed] | 0.0005 |"
+            in text)
+    assert "†" not in text
     assert "(scored on a held-out part of train)" in text
     rows.append(line("cola", "lora", 0, 0.3, stage="lr", lr=5e-4, holdout=0.1))  # one of three grid values
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
-    assert "| cola | lora | **30.00 (1)** |  |  | 0.0005 so far (grid unfinished) |" in out.read_text()
+    assert "| cola | lora | **0.0005: 30.00 (1)** | 0.0005 so far (grid unfinished) |" in out.read_text()
     # MRPC's F1 beside its accuracy, over the same runs (collapsed ones left out).
     f1 = [0.85, 0.84, 0.86]
     assert f"| prilora | {statistics.fmean(f1) * 100:.2f} ± {statistics.stdev(f1) * 100:.2f} (3) |" in text
@@ -56,6 +58,14 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     for png in ("scores-study---dev.png", "grid-study---lr.png", "ranks.png", "sparsity.png"):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"(results/{png})" in text
+    # Dev runs that chose 1e-3 when the grid held only 1e-3 and 2e-3: the grid has grown since (5e-4 wins).
+    for row in rows:
+        if row["task"] == "mrpc" and row["method"] == "lora" and row["sweep"]["stage"] == "dev":
+            row["sweep"]["selected"] = {"lr": {"chosen": {"learning-rate": 1e-3}}}
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "(2) [1 collapsed] † | - |" in text and "† made at a learning rate" in text
+    assert "| mrpc | lora † | " in text
 
 
 def test_sweeps_that_name_one_table_share_it(tmp_path):

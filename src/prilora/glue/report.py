@@ -90,8 +90,21 @@ def _params(lines: list[dict]) -> str:
     return ", ".join(f"{v:,}" for v in values) or "-"
 
 
-def result_table(lines: list[dict]) -> tuple[list[str], dict]:
-    """Rows: variants; columns: tasks, then the average over tasks (when a row has every task)."""
+def outdated(line: dict, lines: list[dict]) -> bool:
+    """A run made at a value that the stage it selected from no longer chooses (its grid grew since, and
+    the sweep is making it again)."""
+    table, variant = group_key(line)[0].rsplit(" / ", 1)[0], group_key(line)[1]
+    for stage, info in ((line.get("sweep") or {}).get("selected") or {}).items():
+        source = [x for x in lines if x.get("sweep") and x["task"] == line["task"]
+                  and group_key(x) == (f"{table} / {stage}", variant)]
+        if source and select_values(source, list(info["chosen"]))[0] != info["chosen"]:
+            return True
+    return False
+
+
+def result_table(lines: list[dict], everything: list[dict] | None = None) -> tuple[list[str], dict]:
+    """Rows: variants; columns: tasks, then the average over tasks (when a row has every task). Cells
+    whose runs a grown grid has outdated (``everything`` holds the grids) are marked †."""
     tasks = _tasks(lines)
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
@@ -106,10 +119,16 @@ def result_table(lines: list[dict]) -> tuple[list[str], dict]:
         average = f"{statistics.fmean(means):.2f}" if all(m is not None for m in means) else "-"
         rates = []
         for t in tasks:
-            lrs = sorted({x.get("learning_rate") for x in vlines if x["task"] == t})
-            rates.append(f"{t} {'/'.join(f'{lr:g}' for lr in lrs)}")
-        out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) for t in tasks)
+            lrs = sorted({x.get("learning_rate") for x in vlines if x["task"] == t} - {None})
+            if lrs:
+                rates.append(f"{t} {'/'.join(f'{lr:g}' for lr in lrs)}")
+        marks = [" †" if any(outdated(x, everything or lines) for x in vlines if x["task"] == t) else ""
+                 for t in tasks]
+        out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) + m for t, m in zip(tasks, marks))
                    + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
+    if "†" in "".join(out):
+        out += ["", "† made at a learning rate that the method's grid, grown since, no longer chooses; the sweep "
+                "makes these runs again, and the new lines replace them here."]
     return out, cells
 
 
@@ -150,9 +169,9 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
     return t, df, 2 * student_t.sf(abs(t), df)
 
 
-def comparison_table(lines: list[dict], reference: str) -> list[str]:
+def comparison_table(lines: list[dict], reference: str, everything: list[dict] | None = None) -> list[str]:
     """The reference variant against every other, per task: difference of the mean scores (points) and
-    Welch's t-test over seeds; collapsed runs are left out, as in the score table."""
+    Welch's t-test over seeds; collapsed runs are left out, as in the score table; † as there."""
     scores: dict[tuple, list[float]] = defaultdict(list)
     for line in lines:
         if not line.get("collapsed") and (line.get("metrics") or {}).get("score") is not None:
@@ -169,7 +188,9 @@ def comparison_table(lines: list[dict], reference: str) -> list[str]:
                 continue
             test = welch(a, b)
             stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
-            out.append(f"| {task} | {variant} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
+            mark = " †" if any(outdated(x, everything or lines) for x in lines
+                               if x["task"] == task and group_key(x)[1] in (reference, variant)) else ""
+            out.append(f"| {task} | {variant}{mark} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
                        f"{len(a)} vs {len(b)} |")
     return out if len(out) > 2 else []
 
@@ -179,32 +200,30 @@ def _value(v) -> str:
 
 
 def selection_table(lines: list[dict]) -> list[str]:
-    """Rows: task x variant; columns: the grid's values; the chosen value in bold."""
+    """Rows: task x variant; each value of the grid with its held-out score, the chosen one in bold."""
     axes = sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
-    if not axes:
+    if len(axes) != 1:
         return result_table(lines)[0]
-    key = axes[0] if len(axes) == 1 else None
-    values = sorted({line["sweep"]["axes"].get(key) for line in lines}) if key else []
-    out = ["| task | method | " + " | ".join(f"{key} {_value(v)}" for v in values) + " | chosen |",
-           "|---|---|" + "---|" * len(values) + "---|"]
+    key = axes[0]
+    out = [f"| task | method | held-out score at each {key} (the chosen one in bold) | chosen |", "|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         groups[(line["task"], group_key(line)[1])].append(line)
     for (task, variant), glines in sorted(groups.items(), key=lambda kv: (TASK_ORDER.index(kv[0][0]), kv[0][1])):
         chosen, _ = select_values(glines, [key])
+        values = sorted({x["sweep"]["axes"].get(key) for x in glines})
         cells = []
         for v in values:
-            these = [x for x in glines if x["sweep"]["axes"].get(key) == v]
-            text = fmt_cell(cell(these)) if these else ""
-            cells.append(f"**{text}**" if these and v == chosen[key] else text)
+            text = f"{_value(v)}: {fmt_cell(cell([x for x in glines if x['sweep']['axes'].get(key) == v]))}"
+            cells.append(f"**{text}**" if v == chosen[key] else text)
         grid = {x["sweep"]["axes"].get(key) for x in lines  # this method's grid, before any growth
                 if group_key(x)[1] == variant and not x["sweep"].get("grown")}
-        complete = grid <= {x["sweep"]["axes"].get(key) for x in glines}
+        complete = grid <= set(values)
         choice = _value(chosen[key]) if complete else f"{_value(chosen[key])} so far (grid unfinished)"
-        grown = sorted({x["sweep"]["axes"].get(key) for x in glines if x["sweep"].get("grown")})
+        grown = [v for v in values if any(x["sweep"].get("grown") for x in glines if x["sweep"]["axes"].get(key) == v)]
         if grown:
             choice += f" (grid grown by {', '.join(_value(v) for v in grown)})"
-        out.append(f"| {task} | {variant} | " + " | ".join(cells) + f" | {choice} |")
+        out.append(f"| {task} | {variant} | " + " · ".join(cells) + f" | {choice} |")
     return out
 
 
@@ -372,7 +391,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             if plot_grid(tlines, name, os.path.join(plots_dir, png)):
                 md += ["", f"![grid: {name}]({rel}/{png})"]
         else:
-            table, cells = result_table(tlines)
+            table, cells = result_table(tlines, lines)
             md += table
             png = f"scores-{_slug(name)}.png"
             plot_scores(cells, _tasks(tlines), name, os.path.join(plots_dir, png))
@@ -380,7 +399,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             others = metrics_table(tlines)
             if others:
                 md += ["", "Other metrics (x 100), over the same runs:", ""] + others
-            compared = comparison_table(tlines, reference)
+            compared = comparison_table(tlines, reference, lines)
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
                        "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps)."
