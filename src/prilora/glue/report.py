@@ -3,7 +3,11 @@
 Everything shown is recomputed from the raw lines (one per finished run): per cell the mean
 and standard deviation over seeds (sample std, n - 1) of the headline score x 100, the number
 of seeds behind it, and collapsed runs counted apart, never averaged in. Learning-rate grids
-(stages scored on a held-out part of train) are shown with the value each method chose.
+(stages scored on a held-out part of train) are shown with the value each method chose. Under
+each dev table: the tasks' other metrics, and PRILoRA against every other row (Welch's t-test),
+because 3 seeds rarely settle a gap of a point and the reader should see how little they do.
+A run made again after its grid grew replaces its earlier line; cells still made at an outdated
+choice are marked.
 """
 
 from __future__ import annotations
