@@ -335,14 +335,19 @@ def plot_sparsity(lines: list[dict], path: str) -> bool:
     if not shown:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for variant, line in shown.items():
-        xs, ys = [], []
-        for step, before, after in line["pruning_history"]:
-            xs += [step / line["steps"]] * 2
-            ys += [before, after]
-        ax.plot(xs, ys, label=f"{variant} ({line['task']}, seed {line['seed']})", linewidth=1)
+    for i, (variant, line) in enumerate(shown.items()):
+        # Only what was measured: points just before (open) and just after (filled) each event, no lines
+        # between them (when the zeros regrow between events is not recorded); after the last event the
+        # mask is held, so its sparsity is drawn on to the end.
+        steps, before, after = zip(*line["pruning_history"])
+        xs = [s / line["steps"] for s in steps]
+        color = f"C{i % 10}"
+        ax.plot(xs, after, "o", markersize=3, color=color, label=f"{variant} ({line['task']}, seed {line['seed']})")
+        ax.plot(xs, before, "o", markersize=3, fillstyle="none", color=color)
+        ax.plot([xs[-1], 1.0], [after[-1]] * 2, color=color, linewidth=1)
+    ax.set_xlim(0, 1.02)
     return _save(fig, ax, "fraction of training", "fraction of the pruned matrix at zero",
-                 "sparsity before and after each pruning event", path)
+                 "just before (open) and after (filled) each pruning event; held after the last", path)
 
 
 def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> bool:
