@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="run a grid of prilora train runs from a TOML or YAML spec (resumable)",
         description="Run every prilora train run a spec describes (stages x tasks x variants x grid values x "
-                    "seeds), skipping finished runs and resuming unfinished ones, and append each finished "
+                    "seeds; values chosen from an earlier stage's grid, which may grow where its best value sits "
+                    "at an end), skipping finished runs and resuming unfinished ones, and append each finished "
                     "run's results.json to the spec's JSON-lines file. See docs/SWEEPS.md.",
     )
     sweep.add_argument("spec", nargs="+",
