@@ -60,9 +60,14 @@ def group_key(line: dict) -> tuple[str, str]:
     return os.path.basename(line["_file"]), line.get("method", "?")
 
 
+def scores(lines: list[dict]) -> list[float]:
+    """Headline scores x 100 of the runs that did not collapse (the ones a cell averages)."""
+    return [100 * line["metrics"]["score"] for line in lines if not line.get("collapsed") and
+            (line.get("metrics") or {}).get("score") is not None]
+
+
 def cell(lines: list[dict]) -> dict:
-    ok = [100 * line["metrics"]["score"] for line in lines if not line.get("collapsed") and
-          (line.get("metrics") or {}).get("score") is not None]
+    ok = scores(lines)
     collapsed = len(lines) - len(ok)
     return {"mean": statistics.fmean(ok) if ok else None, "std": statistics.stdev(ok) if len(ok) > 1 else None,
             "n": len(ok), "collapsed": collapsed, "seeds": sorted({line.get("seed") for line in lines})}
@@ -106,9 +111,16 @@ def outdated(line: dict, lines: list[dict]) -> bool:
     return False
 
 
-def result_table(lines: list[dict], everything: list[dict] | None = None) -> tuple[list[str], dict]:
+def outdated_runs(lines: list[dict]) -> set[int]:
+    """The ``id`` of every line made at an outdated choice, judged once against all the lines (the grids
+    may sit in another table than the dev runs that chose from them)."""
+    return {id(x) for x in lines if outdated(x, lines)}
+
+
+def result_table(lines: list[dict], stale: set[int] | None = None) -> tuple[list[str], dict]:
     """Rows: variants; columns: tasks, then the average over tasks (when a row has every task). Cells
-    whose runs a grown grid has outdated (``everything`` holds the grids) are marked †."""
+    with runs in ``stale`` (default: judged against these lines) are marked †."""
+    stale = outdated_runs(lines) if stale is None else stale
     tasks = _tasks(lines)
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
@@ -126,8 +138,7 @@ def result_table(lines: list[dict], everything: list[dict] | None = None) -> tup
             lrs = sorted({x.get("learning_rate") for x in vlines if x["task"] == t} - {None})
             if lrs:
                 rates.append(f"{t} {'/'.join(f'{lr:g}' for lr in lrs)}")
-        marks = [" †" if any(outdated(x, everything or lines) for x in vlines if x["task"] == t) else ""
-                 for t in tasks]
+        marks = [" †" if any(id(x) in stale for x in vlines if x["task"] == t) else "" for t in tasks]
         out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) + m for t, m in zip(tasks, marks))
                    + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
     if "†" in "".join(out):
@@ -173,27 +184,25 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
     return t, df, 2 * student_t.sf(abs(t), df)
 
 
-def comparison_table(lines: list[dict], reference: str, everything: list[dict] | None = None) -> list[str]:
+def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozenset()) -> list[str]:
     """The reference variant against every other, per task: difference of the mean scores (points) and
     Welch's t-test over seeds; collapsed runs are left out, as in the score table; † as there."""
-    scores: dict[tuple, list[float]] = defaultdict(list)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
-        if not line.get("collapsed") and (line.get("metrics") or {}).get("score") is not None:
-            scores[(line["task"], group_key(line)[1])].append(100 * line["metrics"]["score"])
+        groups[(line["task"], group_key(line)[1])].append(line)
     variants = list(dict.fromkeys(group_key(line)[1] for line in lines))
     if reference not in variants:
         return []
     out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | seeds |", "|---|---|---|---|---|---|---|"]
     for task in _tasks(lines):
-        a = scores.get((task, reference), [])
+        a = scores(groups.get((task, reference), []))
         for variant in variants:
-            b = scores.get((task, variant), [])
+            b = scores(groups.get((task, variant), []))
             if variant == reference or not a or not b:
                 continue
             test = welch(a, b)
             stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
-            mark = " †" if any(outdated(x, everything or lines) for x in lines
-                               if x["task"] == task and group_key(x)[1] in (reference, variant)) else ""
+            mark = " †" if any(id(x) in stale for x in groups[(task, reference)] + groups[(task, variant)]) else ""
             out.append(f"| {task} | {variant}{mark} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
                        f"{len(a)} vs {len(b)} |")
     return out if len(out) > 2 else []
@@ -203,9 +212,14 @@ def _value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def grid_axes(lines: list[dict]) -> list[str]:
+    """The flags these lines' sweep runs vary (a learning-rate grid: one)."""
+    return sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
+
+
 def selection_table(lines: list[dict]) -> list[str]:
     """Rows: task x variant; each value of the grid with its held-out score, the chosen one in bold."""
-    axes = sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
+    axes = grid_axes(lines)
     if len(axes) != 1:
         return result_table(lines)[0]
     key = axes[0]
@@ -262,7 +276,7 @@ def plot_grid(lines: list[dict], title: str, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_keys = sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
+    axes_keys = grid_axes(lines)
     if len(axes_keys) != 1 or not all(isinstance(line["sweep"]["axes"].get(axes_keys[0]), (int, float))
                                       for line in lines):
         return False
@@ -370,6 +384,7 @@ def _slug(text: str) -> str:
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
                  command: str | None = None, reference: str = "prilora") -> str:
     lines, superseded = latest(load(paths))
+    stale = outdated_runs(lines)
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
     os.makedirs(plots_dir, exist_ok=True)
     rel = os.path.relpath(plots_dir, os.path.dirname(out) or ".")
@@ -400,7 +415,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             if plot_grid(tlines, name, os.path.join(plots_dir, png)):
                 md += ["", f"![grid: {name}]({rel}/{png})"]
         else:
-            table, cells = result_table(tlines, lines)
+            table, cells = result_table(tlines, stale)
             md += table
             png = f"scores-{_slug(name)}.png"
             plot_scores(cells, _tasks(tlines), name, os.path.join(plots_dir, png))
@@ -408,7 +423,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             others = metrics_table(tlines)
             if others:
                 md += ["", "Other metrics (x 100), over the same runs:", ""] + others
-            compared = comparison_table(tlines, reference, lines)
+            compared = comparison_table(tlines, reference, stale)
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
                        "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps)."

@@ -182,10 +182,9 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
                 axes = dict(zip(grid, combo))
                 for seed in _as_list(stage["seed"]):
                     flags = {**fixed, **values, **axes, "task": task, "seed": seed}
-                    tag = ",".join(f"{k}={_fmt(v)}" for k, v in axes.items())
-                    rid = f"{sname}/{task}/{variant}/{tag + '-' if tag else ''}s{seed}"
-                    per_task.setdefault(str(task), []).append(
-                        PlannedRun(rid, sname, str(task), variant, int(seed), flags, axes=axes))
+                    per_task.setdefault(str(task), []).append(PlannedRun(
+                        run_id(sname, task, variant, axes, seed), sname, str(task), variant, int(seed), flags,
+                        axes=axes))
     for task_runs in per_task.values():
         runs.extend(task_runs)
     ids = [r.id for r in runs]
@@ -193,6 +192,12 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SweepError(f"{path}: run {dup} is planned twice (a list with a repeated value?)")
     return settings, runs
+
+
+def run_id(stage: str, task, variant: str, axes: dict, seed) -> str:
+    """``stage/task/variant/flag=value,...-s<seed>``: a run's id and its folder under runs_dir."""
+    tag = ",".join(f"{k}={_fmt(v)}" for k, v in axes.items())
+    return f"{stage}/{task}/{variant}/{tag + '-' if tag else ''}s{seed}"
 
 
 def _fmt_choice(choice: dict) -> str:
@@ -330,10 +335,9 @@ class Sweep:
         at = self.runs.index(source[-1]) + 1
         for template in {r.seed: r for r in source}.values():
             flags = {**template.flags, key: value}
-            tag = ",".join(f"{k}={_fmt(flags[k])}" for k in template.axes)
-            new = PlannedRun(f"{stage}/{template.task}/{template.variant}/{tag}-s{template.seed}", stage,
-                             template.task, template.variant, template.seed, flags,
-                             axes={k: flags[k] for k in template.axes}, grown=True)
+            axes = {k: flags[k] for k in template.axes}
+            new = PlannedRun(run_id(stage, template.task, template.variant, axes, template.seed), stage,
+                             template.task, template.variant, template.seed, flags, axes=axes, grown=True)
             new.spec = run_spec_of(flags, self.folder(new))
             self.runs.insert(at, new)
             self.added.append(new)
