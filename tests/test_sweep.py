@@ -195,7 +195,9 @@ def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path,
     # Nothing more to do; the report shows only the new dev line and says one was left out.
     capsys.readouterr()
     assert main(["sweep", str(spec)]) == 0
-    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "4 runs, 4 done, 0 to run" in err
+    assert f"learning-rate {added:g} added earlier, its runs are recorded (grow-edges = 1)" in err
     report = tmp_path / "R.md"
     assert main(["report", str(out), "--out", str(report)]) == 0
     text = report.read_text()
@@ -235,7 +237,9 @@ def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_d
     assert rows["dev/rte/lora/s0"]["sweep"]["selected"]["lr"]["runs"] == 3
     # Again: the same growth is planned from the recorded lines, and nothing runs.
     assert main(["sweep", str(spec)]) == 0
-    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "4 runs, 4 done, 0 to run" in err
+    assert f"learning-rate {added:g} added earlier, its runs are recorded (grow-edges = 1)" in err
     report = tmp_path / "R.md"
     assert main(["report", str(tmp_path / "results" / "t.jsonl"), "--out", str(report)]) == 0
     assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
@@ -326,3 +330,19 @@ def test_committed_specs_are_valid(spec, monkeypatch):
     sweep = Sweep(os.path.relpath(spec, ROOT))
     sweep.check()
     assert sweep.runs and len({r.id for r in sweep.runs}) == len(sweep.runs)
+
+
+def test_committed_specs_sharing_a_results_file_plan_distinct_runs(monkeypatch):
+    """main-table-rte.toml writes into main-table's file and folders: a run id planned by both would be
+    one folder and one line claimed by two specs."""
+    monkeypatch.chdir(ROOT)
+    by_output: dict[str, dict[str, str]] = {}
+    shared = 0
+    for spec in sorted(glob.glob(os.path.join("experiments", "*.toml"))):
+        sweep = Sweep(spec)
+        owners = by_output.setdefault(os.path.normpath(sweep.out), {})
+        shared += bool(owners)
+        for run in sweep.runs:
+            assert run.id not in owners, f"{run.id} is planned by {owners[run.id]} and {spec}"
+            owners[run.id] = spec
+    assert shared >= 1  # the check above compared something

@@ -333,6 +333,7 @@ class Sweep:
             return False
         value = grid[-1] * 2 if choice[key] == grid[-1] else grid[0] / 2
         at = self.runs.index(source[-1]) + 1
+        planned_before = at
         for template in {r.seed: r for r in source}.values():
             flags = {**template.flags, key: value}
             axes = {k: flags[k] for k in template.axes}
@@ -342,8 +343,10 @@ class Sweep:
             self.runs.insert(at, new)
             self.added.append(new)
             at += 1
+        again = all(r.id in self._recorded for r in self.runs[planned_before:at])  # re-planned on a restart
         self.log(f"{stage}/{source[0].task}/{source[0].variant}: best {key} {_fmt(choice[key])} is at the end "
-                 f"of the grid {_fmt(grid)}: {key} {_fmt(value)} added (grow-edges = {limit})")
+                 f"of the grid {_fmt(grid)}: {key} {_fmt(value)} "
+                 f"{'added earlier, its runs are recorded' if again else 'added'} (grow-edges = {limit})")
         return True
 
     def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
