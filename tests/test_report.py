@@ -88,3 +88,33 @@ def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
     assert not (tmp_path / "R.md").exists()
+
+
+def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_path):
+    def cfg(schedule, criterion):
+        return {"rank_schedule": schedule, "prune_criterion": criterion, "prune_matrix": "A", "prune_ratio": 0.5}
+
+    linear = [4, 6, 7, 9, 10, 12]
+    variants = {"lora": ("lora", [8] * 6, cfg("uniform", "none")),
+                "linear-unpruned": ("prilora", linear, cfg("linear", "none")),
+                "uniform-pruned": ("prilora", [8] * 6, cfg("uniform", "importance")),
+                "prilora": ("prilora", linear, cfg("linear", "importance"))}
+    got = {"lora": [0.70, 0.74, 0.72], "linear-unpruned": [0.75, 0.73], "uniform-pruned": [0.71, 0.69, 0.76],
+           "prilora": [0.80, 0.78, 0.77]}
+    rows = [line("mrpc", v, s, x, method=variants[v][0], ranks=variants[v][1], prilora=variants[v][2])
+            for v, xs in got.items() for s, x in enumerate(xs)]
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    m = {v: statistics.fmean(100 * x for x in xs) for v, xs in got.items()}
+    se = sum(statistics.variance([100 * x for x in xs]) / len(xs) for xs in got.values()) ** 0.5
+    a, b, c, d = m["lora"], m["linear-unpruned"], m["uniform-pruned"], m["prilora"]
+    assert ("lora = uniform r=8, no pruning; linear-unpruned = linear 4 -> 12, no pruning; uniform-pruned = "
+            "uniform r=8, importance pruning of A at 0.5; prilora = linear 4 -> 12, importance pruning of A at 0.5"
+            in text)
+    assert (f"| mrpc | {b - a:+.2f} | {d - c:+.2f} | {c - a:+.2f} | {d - b:+.2f} | {d - a:+.2f} | "
+            f"{(b - a) + (c - a):+.2f} | {(d - c) - (b - a):+.2f} ± {se:.2f} |") in text
+    # A table whose rows do not cross two rank patterns with two pruning settings gets no such section.
+    rows += [line("mrpc", "full", s, 0.8, method="full", ranks=None) for s in range(2)]
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    assert "Schedule x pruning" not in out.read_text()

@@ -4,8 +4,10 @@ Everything shown is recomputed from the raw lines (one per finished run): per ce
 and standard deviation over seeds (sample std, n - 1) of the headline score x 100, the number
 of seeds behind it, and collapsed runs counted apart, never averaged in. Learning-rate grids
 (stages scored on a held-out part of train) are shown with the value each method chose. Under
-each dev table: the tasks' other metrics, and PRILoRA against every other row (Welch's t-test),
-because 3 seeds rarely settle a gap of a point and the reader should see how little they do.
+each dev table: the tasks' other metrics, PRILoRA against every other row (Welch's t-test),
+because 3 seeds rarely settle a gap of a point and the reader should see how little they do, and,
+for a table that crosses two rank patterns with two pruning settings, each idea's effect and
+their interaction.
 A run made again after its grid grew replaces its earlier line; cells still made at an outdated
 choice are marked.
 """
@@ -93,7 +95,7 @@ def _tasks(lines: list[dict]) -> list[str]:
 
 def _params(lines: list[dict]) -> str:
     if all(line.get("method") == "full" for line in lines):
-        values = {line.get("trainable_params") for line in lines}
+        values = {line.get("trainable_params") for line in lines} - {None}
         return "all" if len(values) != 1 else f"all ({values.pop():,})"
     values = sorted({line.get("lora_params") for line in lines if line.get("lora_params") is not None})
     return ", ".join(f"{v:,}" for v in values) or "-"
@@ -206,6 +208,52 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
             out.append(f"| {task} | {variant}{mark} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
                        f"{len(a)} vs {len(b)} |")
     return out if len(out) > 2 else []
+
+
+def _factors(line: dict) -> tuple[str, str] | None:
+    """(rank pattern, pruning) of a LoRA-type run, as labels; None for AdaLoRA and full fine-tuning."""
+    ranks, cfg = line.get("ranks"), line.get("prilora")
+    if not ranks or not cfg or line.get("method") not in ("lora", "prilora"):
+        return None
+    rank = f"uniform r={ranks[0]}" if len(set(ranks)) == 1 else f"{cfg['rank_schedule']} {ranks[0]} -> {ranks[-1]}"
+    crit = cfg.get("prune_criterion", "none")
+    prune = "no pruning" if crit == "none" else f"{crit} pruning of {cfg['prune_matrix']} at {cfg['prune_ratio']:g}"
+    return rank, prune
+
+
+def factorial_table(lines: list[dict]) -> list[str]:
+    """When a table's four variants cross two rank patterns with two pruning settings (ablation-2x2): per
+    task, each idea's effect with and without the other, and their interaction with its standard error over
+    seeds. An interaction near 0 means the two effects add up; the paper's claim is that both help."""
+    levels: dict[str, set] = defaultdict(set)
+    for line in lines:
+        levels[group_key(line)[1]].add(_factors(line))
+    if len(levels) != 4 or any(len(v) != 1 or None in v for v in levels.values()):
+        return []
+    cell_of = {next(iter(v)): variant for variant, v in levels.items()}
+    ranks = sorted({r for r, _ in cell_of}, key=lambda r: (not r.startswith("uniform"), r))
+    prunes = sorted({p for _, p in cell_of}, key=lambda p: (p != "no pruning", p))
+    if len(ranks) != 2 or len(prunes) != 2 or len(cell_of) != 4:
+        return []
+    a, b, c, d = (cell_of[(r, p)] for r, p in ((ranks[0], prunes[0]), (ranks[1], prunes[0]),
+                                                (ranks[0], prunes[1]), (ranks[1], prunes[1])))
+    out = [f"Schedule x pruning, in points: {a} = {ranks[0]}, {prunes[0]}; {b} = {ranks[1]}, {prunes[0]}; "
+           f"{c} = {ranks[0]}, {prunes[1]}; {d} = {ranks[1]}, {prunes[1]}. Each idea's effect without and "
+           f"with the other; both together against the sum of the two alone; and the interaction, "
+           f"{d} − {c} − {b} + {a}, ± its standard error over seeds (near 0: the two add up).", "",
+           f"| task | {b} − {a} | {d} − {c} | {c} − {a} | {d} − {b} | {d} − {a} | sum of the two alone | "
+           "interaction ± s.e. |", "|---|---|---|---|---|---|---|---|"]
+    for task in _tasks(lines):
+        got = {v: scores([x for x in lines if x["task"] == task and group_key(x)[1] == v]) for v in (a, b, c, d)}
+        if not all(got.values()):
+            continue
+        m = {v: statistics.fmean(x) for v, x in got.items()}
+        inter = m[d] - m[c] - m[b] + m[a]
+        se = (f" ± {sum(statistics.variance(x) / len(x) for x in got.values()) ** 0.5:.2f}"
+              if all(len(x) > 1 for x in got.values()) else "")
+        out.append(f"| {task} | {m[b] - m[a]:+.2f} | {m[d] - m[c]:+.2f} | {m[c] - m[a]:+.2f} | {m[d] - m[b]:+.2f} | "
+                   f"{m[d] - m[a]:+.2f} | {m[b] + m[c] - 2 * m[a]:+.2f} | {inter:+.2f}{se} |")
+    return out if len(out) > 4 else []
 
 
 def _value(v) -> str:
@@ -423,6 +471,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             others = metrics_table(tlines)
             if others:
                 md += ["", "Other metrics (x 100), over the same runs:", ""] + others
+            crossed = factorial_table(tlines)
+            if crossed:
+                md += [""] + crossed
             compared = comparison_table(tlines, reference, stale)
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
