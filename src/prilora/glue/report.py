@@ -369,16 +369,19 @@ def plot_ranks(lines: list[dict], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = {}
+    shown: dict[tuple, list[str]] = {}  # one curve per rank pattern, labelled with the variants that use it
     for line in lines:
         variant = group_key(line)[1]
-        if line.get("ranks") and line.get("method") in ("prilora", "lora") and variant not in shown:
-            shown[variant] = line["ranks"]
+        if line.get("ranks") and line.get("method") in ("prilora", "lora"):
+            names = shown.setdefault(tuple(line["ranks"]), [])
+            if variant not in names:
+                names.append(variant)
     if not shown:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for variant, ranks in shown.items():
-        ax.plot(range(len(ranks)), ranks, marker="o", label=variant)
+    for ranks, names in shown.items():
+        label = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+        ax.plot(range(len(ranks)), ranks, marker="o", label=f"{label}: {'-'.join(map(str, ranks))}")
     return _save(fig, ax, "layer", "LoRA rank", "ranks per layer", path)
 
 
