@@ -118,3 +118,23 @@ def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_pat
     rows += [line("mrpc", "full", s, 0.8, method="full", ranks=None) for s in range(2)]
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
     assert "Schedule x pruning" not in out.read_text()
+
+
+def test_plots_draw_one_curve_per_pattern_named_by_the_variants_sharing_it():
+    from prilora.glue.report import _pruned, curves
+
+    def run(variant, ranks, matrix="A", ratio=0.5):
+        return line("mrpc", variant, 0, 0.8, method="prilora", ranks=ranks, pruning_history=[[10, 0.0, ratio]],
+                    prilora={"prune_matrix": matrix, "prune_ratio": ratio})
+
+    linear = [4, 6, 7, 9, 10, 12]
+    rows = [run(v, linear) for v in ("prilora", "magnitude", "random", "none", "scope-matrix")]
+    rows += [run("prilora", linear), run("prune-b", linear, matrix="B"), run("ratio-0.75", linear, ratio=0.75),
+             run("uniform", [8] * 6), line("mrpc", "full", 0, 0.8, method="full", ranks=None)]
+    by_ranks = curves(rows, lambda x: tuple(x["ranks"]) if x.get("ranks") else None)
+    assert {k: label for k, (_, label) in by_ranks.items()} == {
+        tuple(linear): "prilora, magnitude, random (+4)", (8,) * 6: "uniform"}
+    by_pruning = curves(rows, _pruned)
+    assert {k: label for k, (_, label) in by_pruning.items()} == {
+        ("A", 0.5): "prilora, magnitude, random (+3)", ("B", 0.5): "prune-b", ("A", 0.75): "ratio-0.75"}
+    assert by_pruning[("A", 0.5)][0] is rows[0]  # the first run stands for the curve

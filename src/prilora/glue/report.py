@@ -363,51 +363,67 @@ def plot_grid(lines: list[dict], title: str, path: str) -> bool:
     return True
 
 
+def curves(lines: list[dict], key) -> dict:
+    """One curve per distinct ``key(line)`` (None: not drawn): its first run and the label of the variants
+    that share it, so that the ten pruning variants with one rank pattern draw one line, not ten."""
+    found: dict = {}
+    for line in lines:
+        k = key(line)
+        if k is not None:
+            run, names = found.setdefault(k, (line, []))
+            if group_key(line)[1] not in names:
+                names.append(group_key(line)[1])
+    return {k: (run, ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""))
+            for k, (run, names) in found.items()}
+
+
 def plot_ranks(lines: list[dict], path: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown: dict[tuple, list[str]] = {}  # one curve per rank pattern, labelled with the variants that use it
-    for line in lines:
-        variant = group_key(line)[1]
-        if line.get("ranks") and line.get("method") in ("prilora", "lora"):
-            names = shown.setdefault(tuple(line["ranks"]), [])
-            if variant not in names:
-                names.append(variant)
+    shown = curves(lines, lambda x: tuple(x["ranks"]) if x.get("ranks") and x.get("method") in ("prilora", "lora")
+                   else None)
     if not shown:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for ranks, names in shown.items():
-        label = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+    for ranks, (_, label) in shown.items():
         ax.plot(range(len(ranks)), ranks, marker="o", label=f"{label}: {'-'.join(map(str, ranks))}")
     return _save(fig, ax, "layer", "LoRA rank", "ranks per layer", path)
 
 
+def _pruned(line: dict) -> tuple | None:
+    """What a run's sparsity curve depends on: the pruned matrix and the ratio (None: no history)."""
+    if not (line.get("pruning_history") and line.get("steps")):
+        return None
+    cfg = line.get("prilora") or {}
+    return cfg.get("prune_matrix", "A"), cfg.get("prune_ratio")
+
+
 def plot_sparsity(lines: list[dict], path: str) -> bool:
-    """A zeros over training (fraction of the run), before and after each pruning event, one run per variant."""
+    """A zeros over training (fraction of the run), before and after each pruning event: one run per pruned
+    matrix and ratio (criteria and schedules with the same ones have the same sparsity), labelled with the
+    variants it stands for."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = {}
-    for line in lines:
-        variant = group_key(line)[1]
-        if line.get("pruning_history") and line.get("steps") and variant not in shown:
-            shown[variant] = line
+    shown = curves(lines, _pruned)
     if not shown:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for i, (variant, line) in enumerate(shown.items()):
+    for i, ((matrix, ratio), (line, label)) in enumerate(shown.items()):
         # Only what was measured: points just before (open) and just after (filled) each event, no lines
         # between them (when the zeros regrow between events is not recorded); after the last event the
         # mask is held, so its sparsity is drawn on to the end.
         steps, before, after = zip(*line["pruning_history"])
         xs = [s / line["steps"] for s in steps]
         color = f"C{i % 10}"
-        ax.plot(xs, after, "o", markersize=3, color=color, label=f"{variant} ({line['task']}, seed {line['seed']})")
+        what = f"{ratio:g} of {matrix}" if ratio is not None else matrix
+        ax.plot(xs, after, "o", markersize=3, color=color,
+                label=f"{label}: {what} ({line['task']}, seed {line['seed']})")
         ax.plot(xs, before, "o", markersize=3, fillstyle="none", color=color)
         ax.plot([xs[-1], 1.0], [after[-1]] * 2, color=color, linewidth=1)
     ax.set_xlim(0, 1.02)
