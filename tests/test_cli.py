@@ -1,6 +1,7 @@
 """`prilora train` end to end on a tiny local model and real GLUE files: every method's results.json,
 resume equivalence, and every kind of bad input by its message and exit code."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ def test_prilora_run_writes_everything(tmp, glue_dir, capsys):
         assert (tmp["root"] / "run" / name).is_file(), name
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["score"] == r["metrics"]["score"] and summary["method"] == "prilora"
+    assert summary["majority_class_score"] == r["majority_baseline"]["score"] == r["majority_baseline"]["accuracy"]
     # The saved A matrices hold the final mask: exactly half of each row is zero.
     weights = load_file(tmp["root"] / "run" / "adapter_model.safetensors")
     a = [w for k, w in weights.items() if "lora_A" in k]
@@ -94,11 +96,13 @@ def test_full_fine_tuning(tmp, glue_dir):
 def test_stsb_metrics_and_cola_score(tmp, glue_dir):
     assert train(tmp, glue_dir, "--task", "stsb", out="stsb") == 0
     m = results(tmp, "stsb")["metrics"]
-    assert set(m) == {"pearson", "spearmanr", "score"}
+    assert set(m) == {"pearson", "spearmanr", "score"} and results(tmp, "stsb")["majority_baseline"] is None
     assert m["score"] == pytest.approx((m["pearson"] + m["spearmanr"]) / 2, nan_ok=True)
     assert train(tmp, glue_dir, "--task", "cola", out="cola") == 0
     m = results(tmp, "cola")["metrics"]
     assert set(m) == {"accuracy", "matthews_correlation", "score"} and m["score"] == m["matthews_correlation"]
+    base = results(tmp, "cola")["majority_baseline"]
+    assert base["score"] == base["matthews_correlation"] == 0.0 and 0.5 < base["accuracy"] < 1
 
 
 @pytest.mark.parametrize("method", ["prilora", "adalora"])
@@ -153,6 +157,18 @@ def test_holdout_run_scores_on_train_examples(tmp, glue_dir, capsys):
     assert train(tmp, glue_dir, "--holdout", "30", "--max-steps", "2") == 0
     r = results(tmp)
     assert r["eval_examples"] == {"holdout": 30} and r["train_examples"] == 48 and r["holdout"] == 30
+    # The floor beside the score: always the commonest of the 48 training labels, scored on the 30 held out.
+    from collections import Counter
+
+    from prilora.glue import get_task
+    from prilora.glue.runner import load_data
+
+    recipe = dataclasses.replace(get_recipe("minilm-cpu", "rte"), max_train_samples=48, max_eval_samples=40)
+    kept, evals = load_data(get_task("rte"), str(glue_dir), recipe, 30)
+    counts = Counter(kept.labels)
+    common = max(sorted(counts), key=lambda y: counts[y])
+    share = sum(y == common for y in evals["holdout"].labels) / 30
+    assert r["majority_baseline"] == {"accuracy": share, "score": share}
     capsys.readouterr()
     assert error_of(capsys, train(tmp, glue_dir, "--holdout", "2490", out="r2")).endswith(
         "--holdout 2490 leaves no training or no held-out examples of 2490")

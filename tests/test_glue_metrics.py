@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prilora.glue import get_task, glue_metrics
-from prilora.glue.metrics import constant_predictions
+from prilora.glue.metrics import constant_predictions, majority_baseline
 
 
 def logits_for(classes, num_labels=2):
@@ -60,3 +60,13 @@ def test_constant_predictions_are_named():
     assert constant_predictions(get_task("stsb"), np.array([[1.0], [np.nan]])) == "non-finite predictions on the dev set"
     m = glue_metrics(get_task("stsb"), np.full((4, 1), 2.5), [0.0, 1.0, 2.0, 3.0])
     assert math.isnan(m["pearson"]) and math.isnan(m["score"])  # undefined, not a silent 0
+
+
+def test_majority_baseline_predicts_the_commonest_training_label():
+    # Training: three 1s, two 0s; evaluated on [0, 1, 1, 1]: accuracy 3/4; MRPC F1 with tp=3, fp=1, fn=0 is 6/7.
+    m = majority_baseline(get_task("mrpc"), [1, 0, 1, 0, 1], [0, 1, 1, 1])
+    assert m == {"accuracy": 0.75, "f1": pytest.approx(6 / 7), "score": 0.75}
+    # CoLA's headline MCC of a constant prediction is 0; a tie goes to the lowest label (0 here: 2 of 4 right).
+    assert majority_baseline(get_task("cola"), [1, 0], [0, 1, 0, 1]) == {
+        "accuracy": 0.5, "matthews_correlation": 0.0, "score": 0.0}
+    assert majority_baseline(get_task("stsb"), [1.0, 2.5], [3.0]) is None

@@ -138,3 +138,43 @@ def test_plots_draw_one_curve_per_pattern_named_by_the_variants_sharing_it():
     assert {k: label for k, (_, label) in by_pruning.items()} == {
         ("A", 0.5): "prilora, magnitude, random (+3)", ("B", 0.5): "prune-b", ("A", 0.75): "ratio-0.75"}
     assert by_pruning[("A", 0.5)][0] is rows[0]  # the first run stands for the curve
+
+
+def test_majority_class_row_comes_from_the_lines_that_recorded_it(tmp_path):
+    base = {"accuracy": 0.6838, "f1": 0.8122, "score": 0.6838}
+    rows = [line("mrpc", "prilora", s, v, majority_baseline=base) for s, v in enumerate([0.80, 0.78])]
+    rows += [line("stsb", "prilora", 0, 0.85, majority_baseline=None)]
+    rows += [line("rte", "lora", 0, 0.566, stage="lr", holdout=0.1,
+                  majority_baseline={"accuracy": 0.5141, "score": 0.5141})]
+    for row in rows:
+        row["metrics"].update(accuracy=row["metrics"]["score"], f1=0.85)
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| majority class | 68.38 | - | | | |" in text  # mrpc, then stsb (regression: none)
+    assert "| majority class | 81.22 |" in text  # MRPC's F1 in the other-metrics table
+    assert "Always predicting the commonest training label scores, on the same held-out examples: rte 51.41." in text
+    rows.append(line("mrpc", "lora", 1, 0.79, majority_baseline={**base, "score": 0.70}))  # another split
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    assert "| majority class | 68.38-70.00 | - | | | |" in out.read_text()
+
+
+def test_lines_from_before_the_baseline_take_it_from_a_line_on_the_same_examples(tmp_path):
+    def old(task, seed, **extra):  # a line made before majority_baseline was recorded
+        row = line(task, "prilora", seed, 0.5, train_examples=3668, eval_examples={"dev": 408}, **extra)
+        row["sweep"]["name"] = "old-table"
+        return row
+
+    newer = line("mrpc", "prilora", 0, 0.8, train_examples=3668, eval_examples={"dev": 408},
+                 majority_baseline={"accuracy": 0.6838, "score": 0.6838})
+    rows = [old("mrpc", 0), old("mrpc", 1), old("cola", 0), newer,
+            line("mrpc", "lora", 0, 0.7, stage="lr", train_examples=3301, eval_examples={"holdout": 367},
+                 holdout=0.1)]
+    rows[-1]["sweep"]["name"] = "old-table"
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    old_table = text[text.index("## old-table / dev"):]
+    old_table = old_table[:old_table.index("\n## ")]
+    assert "| majority class | - | 68.38 |" in old_table  # cola: no line on its examples recorded it
+    assert "Always predicting" not in text  # the held-out line has other examples: nothing to take

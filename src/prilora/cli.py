@@ -411,6 +411,7 @@ def cmd_train(args) -> int:
     summary = {k: results[k] for k in ("task", "method", "seed", "steps", "lora_params", "a_sparsity",
                                        "collapsed", "train_runtime_s")}
     summary["score"] = results["metrics"]["score"]
+    summary["majority_class_score"] = (results.get("majority_baseline") or {}).get("score")  # the floor to clear
     print(json.dumps(summary))
     return 0
 

@@ -34,6 +34,17 @@ def glue_metrics(task: Task, predictions, labels) -> dict[str, float]:
     return out
 
 
+def majority_baseline(task: Task, train_labels, eval_labels) -> dict[str, float] | None:
+    """The metrics of predicting training's most frequent label for every example (ties: the lowest
+    label): the floor a classifier has to clear, beside scores that sit close to it (RTE here).
+    None for regression."""
+    if task.is_regression:
+        return None
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    label = int(values[counts.argmax()])
+    return glue_metrics(task, np.full(len(eval_labels), label), eval_labels)
+
+
 def constant_predictions(task: Task, predictions) -> str | None:
     """Why the predictions show a collapsed model (one class everywhere, a constant or
     non-finite score), or None. Such runs are reported, not averaged in silently."""

@@ -101,6 +101,36 @@ def _params(lines: list[dict]) -> str:
     return ", ".join(f"{v:,}" for v in values) or "-"
 
 
+def majority(lines: list[dict], task: str, metric: str = "score") -> str:
+    """The score x 100 of always predicting training's commonest label, from the lines that recorded it
+    (a range if their splits differ); "" when none did (regression, or lines from before it was kept)."""
+    values = {round(100 * x["majority_baseline"][metric], 2) for x in lines if x["task"] == task
+              and (x.get("majority_baseline") or {}).get(metric) is not None}
+    if not values:
+        return ""
+    return f"{min(values):.2f}" if len(values) == 1 else f"{min(values):.2f}-{max(values):.2f}"
+
+
+def _examples(line: dict) -> tuple:
+    return (line["task"], line.get("holdout"), line.get("train_examples"),
+            tuple(sorted((line.get("eval_examples") or {}).items())), line.get("data_source"))
+
+
+def fill_majority(lines: list[dict]) -> None:
+    """Lines made before ``majority_baseline`` was recorded take it from a line trained and scored on the
+    same examples (task, held-out part, split sizes): it depends on nothing else. In memory only."""
+    known = {_examples(x): x["majority_baseline"] for x in lines if x.get("majority_baseline")}
+    for x in lines:
+        if "majority_baseline" not in x and _examples(x) in known:
+            x["majority_baseline"] = known[_examples(x)]
+
+
+def majority_note(lines: list[dict], where: str) -> list[str]:
+    found = [f"{t} {majority(lines, t)}" for t in _tasks(lines) if majority(lines, t)]
+    return (["", f"Always predicting the commonest training label scores, {where}: " + ", ".join(found) + "."]
+            if found else [])
+
+
 def outdated(line: dict, lines: list[dict]) -> bool:
     """A run made at a value that the stage it selected from no longer chooses (its grid grew since, and
     the sweep is making it again)."""
@@ -143,6 +173,8 @@ def result_table(lines: list[dict], stale: set[int] | None = None) -> tuple[list
         marks = [" †" if any(id(x) in stale for x in vlines if x["task"] == t) else "" for t in tasks]
         out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) + m for t, m in zip(tasks, marks))
                    + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
+    if any(majority(lines, t) for t in tasks):
+        out.append("| majority class | " + " | ".join(majority(lines, t) or "-" for t in tasks) + " | | | |")
     if "†" in "".join(out):
         out += ["", "† made at a learning rate that the method's grid, grown since, no longer chooses; the sweep "
                 "makes these runs again, and the new lines replace them here."]
@@ -168,6 +200,8 @@ def metrics_table(lines: list[dict]) -> list[str]:
                      if x["task"] == t and m in (x.get("metrics") or {})]
             cells.append(fmt_cell(cell(these)) if these else "")
         out.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if any(majority(lines, t, m) for t, m in columns):
+        out.append("| majority class | " + " | ".join(majority(lines, t, m) or "-" for t, m in columns) + " |")
     return out
 
 
@@ -290,7 +324,7 @@ def selection_table(lines: list[dict]) -> list[str]:
         if grown:
             choice += f" (grid grown by {', '.join(_value(v) for v in grown)})"
         out.append(f"| {task} | {variant} | " + " · ".join(cells) + f" | {choice} |")
-    return out
+    return out + majority_note(lines, "on the same held-out examples")
 
 
 def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
@@ -451,6 +485,7 @@ def _slug(text: str) -> str:
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
                  command: str | None = None, reference: str = "prilora") -> str:
     lines, superseded = latest(load(paths))
+    fill_majority(lines)
     stale = outdated_runs(lines)
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
     os.makedirs(plots_dir, exist_ok=True)

@@ -25,7 +25,7 @@ from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distr
                           wait_for_main_process, write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
-from .metrics import constant_predictions, glue_metrics
+from .metrics import constant_predictions, glue_metrics, majority_baseline
 from .recipes import Recipe
 from .tasks import Task, get_task
 
@@ -274,16 +274,17 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
 
-    predictions, metrics = {}, {}
+    predictions, metrics, baseline = {}, {}, {}
     for i, (split, data) in enumerate(eval_splits.items()):
         pred = trainer.predict(encode(tokenizer, data, recipe.max_seq_length))
         predictions[split] = pred.predictions
-        split_metrics = glue_metrics(task, pred.predictions, pred.label_ids)
-        if i == 0:
-            metrics.update(split_metrics)
-        else:
-            suffix = split.split("_")[-1]
-            metrics.update({f"{k}_{suffix}": v for k, v in split_metrics.items() if k != "score"})
+        for found, into in ((glue_metrics(task, pred.predictions, pred.label_ids), metrics),
+                            (majority_baseline(task, train_split.labels, data.labels) or {}, baseline)):
+            if i == 0:
+                into.update(found)
+            else:
+                suffix = split.split("_")[-1]
+                into.update({f"{k}_{suffix}": v for k, v in found.items() if k != "score"})
     reason = collapse_reason(trainer.state.log_history, output.training_loss, predictions, task)
     replicas = pruner.check_replicas() if pruner is not None else world  # every process must prune alike
     if not main:
@@ -304,6 +305,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         "data_source": spec.data_source, "holdout": spec.holdout, "train_examples": len(train_split),
         "eval_examples": {s: len(d) for s, d in eval_splits.items()},
         "metrics": metrics, "collapsed": reason is not None, "collapse_reason": reason,
+        "majority_baseline": baseline or None,  # the same metrics for always predicting train's commonest label
         **head_and_adapter_counts(spec, model),
         "ranks": layer_ranks(spec, model),
         "a_sparsity": pruner.sparsity()["A"] if pruner is not None else None,
