@@ -195,9 +195,7 @@ def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path,
     # Nothing more to do; the report shows only the new dev line and says one was left out.
     capsys.readouterr()
     assert main(["sweep", str(spec)]) == 0
-    err = capsys.readouterr().err
-    assert "4 runs, 4 done, 0 to run" in err
-    assert f"learning-rate {added:g} added earlier, its runs are recorded (grow-edges = 1)" in err
+    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
     report = tmp_path / "R.md"
     assert main(["report", str(out), "--out", str(report)]) == 0
     text = report.read_text()
