@@ -126,7 +126,8 @@ def fill_majority(lines: list[dict]) -> None:
 
 
 def majority_note(lines: list[dict], where: str) -> list[str]:
-    found = [f"{t} {majority(lines, t)}" for t in _tasks(lines) if majority(lines, t)]
+    floors = {t: majority(lines, t) for t in _tasks(lines)}
+    found = [f"{t} {floor}" for t, floor in floors.items() if floor]
     return (["", f"Always predicting the commonest training label scores, {where}: " + ", ".join(found) + "."]
             if found else [])
 
@@ -173,8 +174,9 @@ def result_table(lines: list[dict], stale: set[int] | None = None) -> tuple[list
         marks = [" †" if any(id(x) in stale for x in vlines if x["task"] == t) else "" for t in tasks]
         out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) + m for t, m in zip(tasks, marks))
                    + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
-    if any(majority(lines, t) for t in tasks):
-        out.append("| majority class | " + " | ".join(majority(lines, t) or "-" for t in tasks) + " | | | |")
+    floors = [majority(lines, t) for t in tasks]
+    if any(floors):
+        out.append("| majority class | " + " | ".join(f or "-" for f in floors) + " | | | |")
     if "†" in "".join(out):
         out += ["", "† made at a learning rate that the method's grid, grown since, no longer chooses; the sweep "
                 "makes these runs again, and the new lines replace them here."]
@@ -200,8 +202,9 @@ def metrics_table(lines: list[dict]) -> list[str]:
                      if x["task"] == t and m in (x.get("metrics") or {})]
             cells.append(fmt_cell(cell(these)) if these else "")
         out.append(f"| {variant} | " + " | ".join(cells) + " |")
-    if any(majority(lines, t, m) for t, m in columns):
-        out.append("| majority class | " + " | ".join(majority(lines, t, m) or "-" for t, m in columns) + " |")
+    floors = [majority(lines, t, m) for t, m in columns]
+    if any(floors):
+        out.append("| majority class | " + " | ".join(f or "-" for f in floors) + " |")
     return out
 
 
