@@ -7,6 +7,7 @@ import os
 import pytest
 
 from prilora.cli import main
+from prilora.glue import sweep as sweep_module
 from prilora.glue.sweep import Sweep, select_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,7 +244,7 @@ def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_d
     assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
 
 
-def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_dir, glue_dir, capsys):
+def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_dir, glue_dir, capsys, monkeypatch):
     def lora_dev(name, seeds, extra=""):
         stage = f'[[stages]]\nname = "dev"\ntask = "rte"\nseed = {seeds}\nvariants = ["lora"]\n{extra}\n'
         return write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
@@ -253,7 +254,10 @@ def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_di
     assert main(["sweep", str(one), str(bad)]) == 2
     assert "bad.toml: run dev/rte/lora/s0: --prune-ratio does not apply" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    checked, real = [], sweep_module.run_spec_of
+    monkeypatch.setattr(sweep_module, "run_spec_of", lambda flags, out: checked.append(out) or real(flags, out))
     assert main(["sweep", str(one), str(two)]) == 0
+    assert len(checked) == 3  # each of the 3 planned runs checked once: up front, not again when its spec runs
     err = capsys.readouterr().err
     assert err.index("sweep one: finished") < err.index("sweep two: 2 runs, 1 done, 1 to run")  # one's seed 0 reused
     assert len(lines(tmp_path / "results" / "two.jsonl")) == 2

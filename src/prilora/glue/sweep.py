@@ -280,6 +280,7 @@ class Sweep:
         self._reusable: list[tuple[str, dict]] = []
         self._announced: set[str] = set()  # runs whose changed choice was logged
         self.added: list[PlannedRun] = []  # runs planned by grow(), not yet handed to the run loop
+        self._checked = False
 
     def log(self, text: str) -> None:
         print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
@@ -288,7 +289,10 @@ class Sweep:
         return os.path.join(self.settings["runs_dir"], run.id)
 
     def check(self) -> None:
-        """Every run's flags must be accepted by `prilora train` before anything starts."""
+        """Every run's flags must be accepted by `prilora train` before anything starts (once: the CLI checks
+        every spec of a multi-spec sweep up front, then run() would check again)."""
+        if self._checked:
+            return
         for run in self.runs:
             flags = {k: v for k, v in run.flags.items() if k not in run.selects}
             try:
@@ -297,6 +301,7 @@ class Sweep:
                 raise SweepError(f"{self.path}: run {run.id}: {e}") from None
             if not run.selects:
                 run.spec = spec
+        self._checked = True
 
     def resolve(self, run: PlannedRun, done: dict[str, PlannedRun]) -> bool:
         """Fill in values chosen from earlier stages; False while those stages are unfinished."""
