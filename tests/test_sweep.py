@@ -8,7 +8,8 @@ import pytest
 
 from prilora.cli import main
 from prilora.glue import sweep as sweep_module
-from prilora.glue.sweep import Sweep, select_values
+from prilora.glue.report import progress_table
+from prilora.glue.sweep import PlannedRun, Sweep, describe_left, runtimes, seconds_left, select_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,6 +264,66 @@ def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_di
     assert len(lines(tmp_path / "results" / "two.jsonl")) == 2
 
 
+def test_time_left_uses_the_same_task_and_method_else_the_task_and_counts_the_rest_apart():
+    times = runtimes([{"task": "rte", "method": "lora", "train_runtime_s": 100},
+                      {"task": "rte", "method": "lora", "train_runtime_s": 300},
+                      {"task": "rte", "method": "prilora", "train_runtime_s": 50},
+                      {"task": "cola", "method": "lora", "train_runtime_s": None}])  # an unfinished line
+    todo = [PlannedRun(f"r{i}", "dev", task, "v", 0, {"method": method})
+            for i, (task, method) in enumerate([("rte", "lora"), ("rte", "full"), ("cola", "lora")])]
+    assert seconds_left(todo, times, 2) == ((200 + 150) / 2, 1)  # lora's own mean; rte's mean for full; cola untimed
+    assert describe_left(175.0, 1, 2) == "about 3 min left at 2 run(s) at a time, besides 1 run(s) of tasks not yet timed"
+    assert describe_left(2 * 3600 + 360, 0, None) == "about 2.1 h left"
+    assert describe_left(0.0, 3, 2) == "no estimate yet (no run of its tasks has finished)"
+
+
+def test_progress_counts_a_run_planned_by_several_specs_once(tmp_path, tiny_model_dir, glue_dir):
+    """Nothing has run: a spec identical to another but for its names adds no run; one whose LoRA grid differs
+    adds its new grid value and the LoRA dev runs that will choose from that grid."""
+    a = write_spec(tmp_path, tiny_model_dir, glue_dir, name="a")
+    b = write_spec(tmp_path, tiny_model_dir, glue_dir, name="b")
+    c = write_spec(tmp_path, tiny_model_dir, glue_dir, name="c")
+    c.write_text(c.read_text().replace('"*" = [1e-3, 3e-2],', '"*" = [1e-3, 3e-2], lora = [1e-3, 6e-2],')
+                 .replace("[variants.lora]", "[variants.lora-again]").replace("lora = [", '"lora-again" = ['))
+    rows = progress_table([str(a), str(b), str(c)])
+    # per spec: lr 2 + 2 + 1 (full), dev 3 variants x 2 seeds
+    assert [r.split(" | ")[1:4] for r in rows[2:5]] == [["11", "0", "11"]] * 3
+    assert rows[5].startswith("| all, each distinct run once | 14 | 0 | 14 | no estimate yet")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()  # counting writes nothing
+
+
+def test_report_progress_after_a_run_and_where_it_goes(tmp_path, tiny_model_dir, glue_dir, capsys):
+    def lora_dev(name, seeds, extra=""):
+        stage = f'[[stages]]\nname = "dev"\ntask = "rte"\nseed = {seeds}\nvariants = ["lora"]\n{extra}\n'
+        return write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
+
+    one, two = lora_dev("one", 0), lora_dev("two", [0, 1])
+    two.write_text(two.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "results" / "one.jsonl"}"]'))
+    assert main(["sweep", str(one)]) == 0
+    out = tmp_path / "results" / "one.jsonl"
+    line = lines(out)[0]
+    out.write_text(json.dumps({**line, "train_runtime_s": 600.0}) + "\n")  # a known runtime: 600 s / 2 jobs
+    notes, report = tmp_path / "notes.md", tmp_path / "R.md"
+    notes.write_text("Where it stands:\n\n<!-- progress -->\n\nThe rest.\n")
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(report), "--notes", str(notes), "--progress", str(one), str(two)]) == 0
+    text = report.read_text()
+    assert f"Where it stands:\n\n| spec | runs planned | done | left | time left (estimate) |\n|---|---|---|---|---|\n" \
+           f"| `{one}` | 1 | 1 | 0 | finished |\n" \
+           f"| `{two}` | 2 | 1 | 1 | about 5 min left at 2 run(s) at a time |\n" \
+           "| all, each distinct run once | 2 | 1 | 1 | about 5 min left at 2 run(s) at a time |\n" in text
+    assert text.index("Counted when this report was made") < text.index("The rest.") and "## Progress" not in text
+    notes.write_text("No mark here.\n")
+    assert main(["report", str(out), "--out", str(report), "--notes", str(notes), "--progress", str(one)]) == 0
+    text = report.read_text()
+    assert text.index("No mark here.") < text.index("## Progress\n\n| spec |")
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(report), "--progress", str(tmp_path / "gone.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"prilora report: error: sweep spec {tmp_path / 'gone.toml'} not found"
+    assert report.read_text() == text  # the earlier report stays
+
+
 def test_selection_ranks_collapsed_last_and_keeps_grid_order():
     def line(lr, score, collapsed=False):
         return {"sweep": {"axes": {"learning-rate": lr}}, "metrics": {"score": score}, "collapsed": collapsed}
@@ -307,6 +368,16 @@ def test_bad_specs_fail_before_running(tmp_path, tiny_model_dir, glue_dir, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_per_variant_value_for_an_undefined_variant_fails(tmp_path, tiny_model_dir, glue_dir, capsys):
+    """A misspelt variant key would otherwise silently fall back to "*"."""
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
+    spec.write_text(spec.read_text().replace("full = [1e-4]", "fulll = [1e-4]"))
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"prilora sweep: error: {spec}: stage 'lr': learning-rate is given for variant 'fulll', which [variants] "
+        'does not define (keys are variant names, or "*" for the others)')
 
 
 def test_spec_file_errors(tmp_path, capsys):

@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
     report.add_argument("--reference", default="prilora",
                         help="variant that every other row of a dev table is tested against (default prilora)")
+    report.add_argument("--progress", nargs="+", default=None, metavar="SPEC",
+                        help="sweep specs of the study: a table of runs planned, done and left per spec, with a time "
+                             "estimate, counted as --dry-run counts them; placed at a line '<!-- progress -->' of "
+                             "--notes, else after the notes")
     return parser
 
 
@@ -521,6 +525,7 @@ def cmd_report(args) -> int:
     from .glue.report import build_report
 
     text = build_report(args.results, args.out, plots_dir=args.plots, notes=args.notes, reference=args.reference,
+                        progress=args.progress,
                         command="prilora report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None)
     print(f"wrote {args.out} ({len(text.splitlines())} lines)")
     return 0

@@ -14,11 +14,13 @@ choice are marked.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import statistics
 from collections import defaultdict
 
-from .sweep import read_lines, score_of, select_values
+from .sweep import Sweep, describe_left, read_lines, runtimes, score_of, seconds_left, select_values
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -481,12 +483,57 @@ def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> bool:
     return True
 
 
+PROGRESS_MARK = "<!-- progress -->"
+
+
+def _identity(sweep: Sweep, run) -> str:
+    """What makes a run the same run in two specs: its settings; for a run whose value is still to be
+    chosen, its flags and the runs it will choose from (the same flags choosing among the same runs)."""
+    if run.spec is not None:
+        return json.dumps(run.spec, sort_keys=True)
+    sources = sorted(json.dumps(r.spec, sort_keys=True) for r in sweep.runs if r.stage in run.selects.values()
+                     and r.task == run.task and r.variant == run.variant)
+    return json.dumps([run.flags, sources], sort_keys=True)
+
+
+def progress_table(specs: list[str]) -> list[str]:
+    """Runs planned, done and left per spec, as ``prilora sweep SPEC --dry-run`` counts them now, so that a
+    report of an unfinished study says where it stands without a hand-kept count going stale."""
+    sweeps = [Sweep(path, stream=io.StringIO()) for path in specs]  # grow() logs; the table says it instead
+    states = [(sweep, *sweep.progress()) for sweep in sweeps]
+    times = runtimes([r.line for _, done, _ in states for r in done.values()]
+                     + [line for sweep in sweeps for line in sweep.reusable_lines()])
+    rows = ["| spec | runs planned | done | left | time left (estimate) |", "|---|---|---|---|---|"]
+    planned, finished = {}, set()  # over all specs, each distinct run once
+    for sweep, done, todo in states:
+        seconds, untimed = seconds_left(todo, times, sweep.jobs)
+        rows.append(f"| `{sweep.path}` | {len(sweep.runs)} | {len(done)} | {len(todo)} | "
+                    + (describe_left(seconds, untimed, sweep.jobs) if todo else "finished") + " |")
+        for run in sweep.runs:
+            key = _identity(sweep, run)
+            planned.setdefault(key, (run, sweep.jobs))
+            if run.id in done:
+                finished.add(key)
+    left = [(run, jobs) for key, (run, jobs) in planned.items() if key not in finished]
+    jobs = {j for _, j in planned.values()}
+    seconds, untimed = seconds_left([run for run, _ in left], times, 1)
+    seconds /= min(jobs)
+    rows.append(f"| all, each distinct run once | {len(planned)} | {len(finished)} | {len(left)} | "
+                + (describe_left(seconds, untimed, min(jobs)) if left else "finished") + " |")
+    return rows + ["", "Counted when this report was made. Planned runs include the values that grids grew by so far "
+                   "(a grid whose best value sits at an end still grows). A spec counts as done the runs it takes "
+                   "from earlier tables once those exist, so a later spec's runs left include some that an earlier "
+                   "spec will make; the last row counts each such run once. Time left: the mean recorded training "
+                   "time of the same task and method (else task) for each run left, divided by the runs made at a "
+                   "time; loading and evaluation are not in it."]
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
-                 command: str | None = None, reference: str = "prilora") -> str:
+                 command: str | None = None, reference: str = "prilora", progress: list[str] | None = None) -> str:
     lines, superseded = latest(load(paths))
     fill_majority(lines)
     stale = outdated_runs(lines)
@@ -505,9 +552,15 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
           "not averaged in."
           + (f" {superseded} earlier line(s) of runs made again after their learning-rate grid grew and chose "
              "another value are left out (the files keep them)." if superseded else ""), ""]
+    table = progress_table(progress) if progress else []
     if notes:
         with open(notes) as f:
-            md += [f.read().rstrip(), ""]
+            text = f.read().rstrip()
+        if table and PROGRESS_MARK in text:
+            text, table = text.replace(PROGRESS_MARK, "\n".join(table)), []
+        md += [text, ""]
+    if table:
+        md += ["## Progress", ""] + table + [""]
     machines = sorted({(line.get("machine") or {}).get("platform", "?") for line in lines})
     models = sorted({line.get("model", "?") for line in lines})
     md += [f"Models: {', '.join(models)}. Machines: {', '.join(machines)}.", ""]

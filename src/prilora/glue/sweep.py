@@ -162,6 +162,11 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
                 raise SweepError(f"{path}: stage {sname!r}: grow-edges needs exactly one grid axis of positive "
                                  f"numbers (e.g. learning-rate), found {lists or 'none'}")
             settings["grow"][sname] = grow
+        for key in axes_keys:
+            unknown = [v for v in stage[key] if v != "*" and v not in variants] if isinstance(stage[key], dict) else []
+            if unknown:
+                raise SweepError(f"{path}: stage {sname!r}: {key} is given for variant {unknown[0]!r}, which "
+                                 "[variants] does not define (keys are variant names, or \"*\" for the others)")
         for task, variant in itertools.product(_as_list(stage["task"]), chosen):
             fixed = {**defaults, **variants[variant]}
             values = {}
@@ -266,6 +271,41 @@ def select_values(candidates: list[dict], keys: list[str]) -> tuple[dict, dict]:
     means = {g: sum(v) / len(v) for g, v in groups.items()}
     best = max(means, key=lambda g: means[g])  # max keeps the first of equal values
     return dict(zip(keys, (json.loads(v) for v in best))), {",".join(g): m for g, m in means.items()}
+
+
+def runtimes(lines: list[dict]) -> dict[tuple, list[float]]:
+    """Recorded training times by (task, method) and by task."""
+    times: dict[tuple, list[float]] = {}
+    for line in lines:
+        t = line.get("train_runtime_s")
+        if t:
+            times.setdefault((line.get("task"), line.get("method")), []).append(t)
+            times.setdefault((line.get("task"),), []).append(t)
+    return times
+
+
+def seconds_left(todo: list[PlannedRun], times: dict[tuple, list[float]], jobs: int) -> tuple[float, int]:
+    """Wall time of the runs left at ``jobs`` at a time, each costing the mean recorded time of its task and
+    method (else of its task); and how many runs have neither recorded, and so are not counted. Another
+    task's times would mislead: SST-2's subset, RTE's 5 epochs and CoLA's short sentences differ by 3x."""
+    total, untimed = 0.0, 0
+    for r in todo:
+        key = next((k for k in ((r.task, r.flags.get("method", "prilora")), (r.task,)) if k in times), None)
+        if key is None:
+            untimed += 1
+        else:
+            total += sum(times[key]) / len(times[key])
+    return total / jobs, untimed
+
+
+def describe_left(seconds: float, untimed: int, jobs: int | None) -> str:
+    """'about 4.0 h left at 2 run(s) at a time', and the runs not counted; ``jobs`` None leaves it out."""
+    if untimed and not seconds:
+        return "no estimate yet (no run of its tasks has finished)"
+    amount = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60
+              else "under a minute")
+    return f"about {amount} left" + (f" at {jobs} run(s) at a time" if jobs else "") + (
+        f", besides {untimed} run(s) of tasks not yet timed" if untimed else "")
 
 
 class Sweep:
@@ -461,24 +501,18 @@ class Sweep:
                 return
 
     def estimate(self, todo: list[PlannedRun], done: dict[str, PlannedRun]) -> str:
-        times: dict[tuple, list[float]] = {}
-        for r in done.values():
-            t = r.line.get("train_runtime_s")
-            if t:
-                times.setdefault((r.task, r.line.get("method")), []).append(t)
-                times.setdefault((r.task,), []).append(t)
-                times.setdefault((), []).append(t)
-        if not times:
-            return "no estimate yet"
-        total = 0.0
-        for r in todo:
-            for key in ((r.task, r.flags.get("method", "prilora")), (r.task,), ()):
-                if key in times:
-                    total += sum(times[key]) / len(times[key])
-                    break
-        left = total / self.jobs
-        amount = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
-        return f"about {amount} left at {self.jobs} run(s) at a time"
+        times = runtimes([r.line for r in done.values()] + self.reusable_lines())
+        return describe_left(*seconds_left(todo, times, self.jobs), self.jobs)
+
+    def reusable_lines(self) -> list[dict]:
+        """The lines of the reuse files, as last read by collect_done()."""
+        return [line for _, line in self._reusable]
+
+    def progress(self) -> tuple[dict[str, PlannedRun], list[PlannedRun]]:
+        """The runs done and those left, as a dry run sees them: nothing runs and nothing is written."""
+        self.check()
+        done = self.collect_done(write=False)
+        return done, [r for r in self.runs if r.id not in done]
 
     def start(self, run: PlannedRun, threads: int) -> subprocess.Popen:
         folder = self.folder(run)
