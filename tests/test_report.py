@@ -68,6 +68,27 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     assert "| mrpc | lora † | " in text
 
 
+def test_the_average_over_tasks_is_tested_with_every_task_s_seeds(tmp_path):
+    """Two tasks with the same seeds' scores: the average's difference is the task's, its variance half
+    (each task's over 2 squared, twice), so Welch's t grows by sqrt(2) and its degrees of freedom double."""
+    from scipy.stats import t as student_t, ttest_ind
+
+    p, q = [0.80, 0.78, 0.79], [0.76, 0.73]
+    rows = [line(task, "prilora", s, v) for task in ("mrpc", "cola") for s, v in enumerate(p)]
+    rows += [line(task, "lora", s, v) for task in ("mrpc", "cola") for s, v in enumerate(q)]
+    rows += [line("mrpc", "adalora", 0, 0.7), line("mrpc", "adalora", 1, 0.72)]  # not on every task: no average
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    one = ttest_ind([x * 100 for x in p], [x * 100 for x in q], equal_var=False)
+    t, df = one.statistic * 2 ** 0.5, one.df * 2
+    assert (f"| mrpc | lora | {statistics.fmean(p) * 100 - statistics.fmean(q) * 100:+.2f} | {one.statistic:.2f} | "
+            f"{one.df:.1f} | {one.pvalue:.3f} | 3 vs 2 |") in text
+    assert (f"| average of 2 | lora | {statistics.fmean(p) * 100 - statistics.fmean(q) * 100:+.2f} | {t:.2f} | {df:.1f} | "
+            f"{2 * student_t.sf(abs(t), df):.3f} | 3 + 3 vs 2 + 2 |") in text
+    assert "| average of 2 | adalora |" not in text and "| mrpc | adalora |" in text
+
+
 def test_sweeps_that_name_one_table_share_it(tmp_path):
     rows = [line("mrpc", "prilora", s, v) for s, v in enumerate([0.80, 0.78])]
     rows += [line("sst2", "prilora", s, v) for s, v in enumerate([0.85, 0.87])]

@@ -210,24 +210,44 @@ def metrics_table(lines: list[dict]) -> list[str]:
     return out
 
 
-def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
-    """Welch's t, its degrees of freedom (Welch-Satterthwaite) and the two-sided p; None when either side
-    has fewer than two runs or both have no spread."""
+def _t_test(difference: float, parts: list[tuple[float, int]]) -> tuple[float, float, float] | None:
+    """t, Welch-Satterthwaite degrees of freedom and two-sided p of a difference of independent means,
+    given each mean's (variance of the mean, runs); None when there is no spread at all."""
     from scipy.stats import t as student_t
 
-    if len(a) < 2 or len(b) < 2:
+    se2 = sum(v for v, _ in parts)
+    if se2 == 0:
         return None
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return None
-    t = (statistics.fmean(a) - statistics.fmean(b)) / (va + vb) ** 0.5
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = difference / se2 ** 0.5
+    df = se2 ** 2 / sum(v ** 2 / (n - 1) for v, n in parts)
     return t, df, 2 * student_t.sf(abs(t), df)
 
 
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
+    """Welch's t, its degrees of freedom (Welch-Satterthwaite) and the two-sided p; None when either side
+    has fewer than two runs or both have no spread."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return _t_test(statistics.fmean(a) - statistics.fmean(b),
+                   [(statistics.variance(x) / len(x), len(x)) for x in (a, b)])
+
+
+def average_test(pairs: list[tuple[list[float], list[float]]]) -> tuple[float, float, float] | None:
+    """The same test for the average over tasks (the paper's headline number): the difference of the two
+    rows' averages of task means, whose variance is the sum of the tasks' (seeds of different tasks are
+    independent runs) over the number of tasks squared; Welch-Satterthwaite degrees of freedom over all.
+    With 3 seeds a task it sees a gap that no single task's test can."""
+    if any(len(a) < 2 or len(b) < 2 for a, b in pairs):
+        return None
+    k = len(pairs)
+    return _t_test(statistics.fmean(statistics.fmean(a) - statistics.fmean(b) for a, b in pairs),
+                   [(statistics.variance(x) / len(x) / k ** 2, len(x)) for pair in pairs for x in pair])
+
+
 def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozenset()) -> list[str]:
-    """The reference variant against every other, per task: difference of the mean scores (points) and
-    Welch's t-test over seeds; collapsed runs are left out, as in the score table; † as there."""
+    """The reference variant against every other, per task and (for a row with every task) over the average
+    of the tasks: difference of the mean scores (points) and Welch's t-test over seeds; collapsed runs are
+    left out, as in the score table; † as there."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         groups[(line["task"], group_key(line)[1])].append(line)
@@ -235,17 +255,29 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
     if reference not in variants:
         return []
     out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | seeds |", "|---|---|---|---|---|---|---|"]
-    for task in _tasks(lines):
+
+    def row(task, variant, difference, test, seeds, stale_lines):
+        stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
+        mark = " †" if any(id(x) in stale for x in stale_lines) else ""
+        out.append(f"| {task} | {variant}{mark} | {difference:+.2f} | {stats} | {seeds} |")
+
+    tasks = _tasks(lines)
+    for task in tasks:
         a = scores(groups.get((task, reference), []))
         for variant in variants:
             b = scores(groups.get((task, variant), []))
             if variant == reference or not a or not b:
                 continue
-            test = welch(a, b)
-            stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
-            mark = " †" if any(id(x) in stale for x in groups[(task, reference)] + groups[(task, variant)]) else ""
-            out.append(f"| {task} | {variant}{mark} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | {stats} | "
-                       f"{len(a)} vs {len(b)} |")
+            row(task, variant, statistics.fmean(a) - statistics.fmean(b), welch(a, b), f"{len(a)} vs {len(b)}",
+                groups[(task, reference)] + groups[(task, variant)])
+    for variant in variants:
+        pairs = [(scores(groups.get((t, reference), [])), scores(groups.get((t, variant), []))) for t in tasks]
+        if variant == reference or len(tasks) < 2 or not all(a and b for a, b in pairs):
+            continue
+        row(f"average of {len(tasks)}", variant, statistics.fmean(statistics.fmean(a) - statistics.fmean(b)
+                                                                  for a, b in pairs),
+            average_test(pairs), " + ".join(str(len(a)) for a, _ in pairs) + " vs " + " + ".join(str(len(b)) for _, b in pairs),
+            [x for t in tasks for x in groups[(t, reference)] + groups[(t, variant)]])
     return out if len(out) > 2 else []
 
 
@@ -588,7 +620,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
                        "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps)."
-                       " Not corrected for the number of comparisons.", ""] + compared
+                       " The average row tests the average over tasks: each task's mean difference averaged,"
+                       " their variances added (seeds of different tasks are independent runs); it is shown for a row"
+                       " with runs on every task. Not corrected for the number of comparisons.", ""] + compared
         md.append("")
     if plot_ranks(lines, os.path.join(plots_dir, "ranks.png")):
         md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
