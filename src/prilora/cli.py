@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a Markdown report from results JSON lines alone (prilora sweep's output, or any file of "
                     "results.json lines): per table mean ± std over seeds with the seed count, collapsed runs "
                     "counted apart, learning-rate grids with the chosen value, a reference row against the others "
-                    "(Welch's t-test), schedule x pruning effects where a table crosses them, and PNG plots "
-                    "(scores, ranks per layer, sparsity over training).",
+                    "(Welch's t-test, per task and over the average of the tasks), schedule x pruning effects "
+                    "where a table crosses them, and PNG plots (scores, ranks per layer, sparsity over training); "
+                    "with --progress, how far the study's specs have got.",
     )
     report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl")
     report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
