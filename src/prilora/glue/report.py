@@ -543,15 +543,13 @@ def progress_table(specs: list[str]) -> list[str]:
                     + (describe_left(seconds, untimed, sweep.jobs) if todo else "finished") + " |")
         for run in sweep.runs:
             key = _identity(sweep, run)
-            planned.setdefault(key, (run, sweep.jobs))
+            planned.setdefault(key, run)
             if run.id in done:
                 finished.add(key)
-    left = [(run, jobs) for key, (run, jobs) in planned.items() if key not in finished]
-    jobs = {j for _, j in planned.values()}
-    seconds, untimed = seconds_left([run for run, _ in left], times, 1)
-    seconds /= min(jobs)
+    left = [run for key, run in planned.items() if key not in finished]
+    jobs = min(sweep.jobs for sweep in sweeps)  # the study command runs one spec at a time
     rows.append(f"| all, each distinct run once | {len(planned)} | {len(finished)} | {len(left)} | "
-                + (describe_left(seconds, untimed, min(jobs)) if left else "finished") + " |")
+                + (describe_left(*seconds_left(left, times, jobs), jobs) if left else "finished") + " |")
     return rows + ["", "Counted when this report was made. Planned runs include the values that grids grew by so far "
                    "(a grid whose best value sits at an end still grows). A spec counts as done the runs it takes "
                    "from earlier tables once those exist, so a later spec's runs left include some that an earlier "
