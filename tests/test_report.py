@@ -199,3 +199,15 @@ def test_lines_from_before_the_baseline_take_it_from_a_line_on_the_same_examples
     old_table = old_table[:old_table.index("\n## ")]
     assert "| majority class | - | 68.38 |" in old_table  # cola: no line on its examples recorded it
     assert "Always predicting" not in text  # the held-out line has other examples: nothing to take
+
+
+def test_parameter_counts_show_one_value_or_the_range():
+    from prilora.glue.report import _params
+
+    ada = [{"method": "adalora", "lora_params": n} for n in (334368, 318240, 348192, 334368)]
+    assert _params(ada) == "318,240-348,192"  # AdaLoRA's final ranks differ by run
+    assert _params([{"method": "lora", "lora_params": 331776}] * 2) == "331,776"
+    full = [{"method": "full", "trainable_params": 22713986, "lora_params": 0},
+            {"method": "full", "trainable_params": 22713601, "lora_params": 0}]  # STS-B's head has one output
+    assert _params(full) == "all (22,713,601-22,713,986)"
+    assert _params([{"method": "full"}]) == "all" and _params([{"method": "lora"}]) == "-"

@@ -96,11 +96,11 @@ def _tasks(lines: list[dict]) -> list[str]:
 
 
 def _params(lines: list[dict]) -> str:
-    if all(line.get("method") == "full" for line in lines):
-        values = {line.get("trainable_params") for line in lines} - {None}
-        return "all" if len(values) != 1 else f"all ({values.pop():,})"
-    values = sorted({line.get("lora_params") for line in lines if line.get("lora_params") is not None})
-    return ", ".join(f"{v:,}" for v in values) or "-"
+    """One count, or the range of them (AdaLoRA's final ranks differ by run; full FT's heads by task)."""
+    full = all(line.get("method") == "full" for line in lines)
+    values = sorted({line.get("trainable_params" if full else "lora_params") for line in lines} - {None})
+    counts = "" if not values else f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
+    return (f"all ({counts})" if counts else "all") if full else counts or "-"
 
 
 def majority(lines: list[dict], task: str, metric: str = "score") -> str:
