@@ -303,9 +303,12 @@ def test_report_progress_after_a_run_and_where_it_goes(tmp_path, tiny_model_dir,
     out = tmp_path / "results" / "one.jsonl"
     line = lines(out)[0]
     out.write_text(json.dumps({**line, "train_runtime_s": 600.0}) + "\n")  # a known runtime: 600 s / 2 jobs
+    capsys.readouterr()
+    assert main(["sweep", str(one), str(two), "--dry-run"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "sweep, all 2 specs: 2 distinct runs, 1 done, 1 to run; about 5 min left at 2 run(s) at a time"
     notes, report = tmp_path / "notes.md", tmp_path / "R.md"
     notes.write_text("Where it stands:\n\n<!-- progress -->\n\nThe rest.\n")
-    capsys.readouterr()
     assert main(["report", str(out), "--out", str(report), "--notes", str(notes), "--progress", str(one), str(two)]) == 0
     text = report.read_text()
     assert f"Where it stands:\n\n| spec | runs planned | done | left | time left (estimate) |\n|---|---|---|---|---|\n" \

@@ -533,7 +533,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .glue.sweep import Sweep, SweepError
+    from .glue.sweep import Sweep, SweepError, study_progress
 
     if args.jobs is not None and args.jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
@@ -545,6 +545,10 @@ def cmd_sweep(args) -> int:
         code = max(code, sweep.run(dry_run=args.dry_run))
         if code == 130:  # interrupted: the rest wait for the same command
             break
+    if args.dry_run and len(sweeps) > 1:
+        study = study_progress(sweeps)
+        print(f"sweep, all {len(sweeps)} specs: {study['planned']} distinct runs, {study['done']} done, "
+              f"{len(study['left'])} to run" + (f"; {study['estimate']}" if study["left"] else ""), file=sys.stderr)
     return code
 
 

@@ -15,12 +15,11 @@ choice are marked.
 from __future__ import annotations
 
 import io
-import json
 import os
 import statistics
 from collections import defaultdict
 
-from .sweep import Sweep, describe_left, read_lines, runtimes, score_of, seconds_left, select_values
+from .sweep import Sweep, describe_left, read_lines, score_of, seconds_left, select_values, study_progress
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -518,38 +517,18 @@ def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> bool:
 PROGRESS_MARK = "<!-- progress -->"
 
 
-def _identity(sweep: Sweep, run) -> str:
-    """What makes a run the same run in two specs: its settings; for a run whose value is still to be
-    chosen, its flags and the runs it will choose from (the same flags choosing among the same runs)."""
-    if run.spec is not None:
-        return json.dumps(run.spec, sort_keys=True)
-    sources = sorted(json.dumps(r.spec, sort_keys=True) for r in sweep.runs if r.stage in run.selects.values()
-                     and r.task == run.task and r.variant == run.variant)
-    return json.dumps([run.flags, sources], sort_keys=True)
-
-
 def progress_table(specs: list[str]) -> list[str]:
     """Runs planned, done and left per spec, as ``prilora sweep SPEC --dry-run`` counts them now, so that a
     report of an unfinished study says where it stands without a hand-kept count going stale."""
     sweeps = [Sweep(path, stream=io.StringIO()) for path in specs]  # grow() logs; the table says it instead
-    states = [(sweep, *sweep.progress()) for sweep in sweeps]
-    times = runtimes([r.line for _, done, _ in states for r in done.values()]
-                     + [line for sweep in sweeps for line in sweep.reusable_lines()])
+    study = study_progress(sweeps)
     rows = ["| spec | runs planned | done | left | time left (estimate) |", "|---|---|---|---|---|"]
-    planned, finished = {}, set()  # over all specs, each distinct run once
-    for sweep, done, todo in states:
-        seconds, untimed = seconds_left(todo, times, sweep.jobs)
+    for sweep, done, todo in study["specs"]:
         rows.append(f"| `{sweep.path}` | {len(sweep.runs)} | {len(done)} | {len(todo)} | "
-                    + (describe_left(seconds, untimed, sweep.jobs) if todo else "finished") + " |")
-        for run in sweep.runs:
-            key = _identity(sweep, run)
-            planned.setdefault(key, run)
-            if run.id in done:
-                finished.add(key)
-    left = [run for key, run in planned.items() if key not in finished]
-    jobs = min(sweep.jobs for sweep in sweeps)  # the study command runs one spec at a time
-    rows.append(f"| all, each distinct run once | {len(planned)} | {len(finished)} | {len(left)} | "
-                + (describe_left(*seconds_left(left, times, jobs), jobs) if left else "finished") + " |")
+                    + (describe_left(*seconds_left(todo, study["times"], sweep.jobs), sweep.jobs) if todo
+                       else "finished") + " |")
+    rows.append(f"| all, each distinct run once | {study['planned']} | {study['done']} | {len(study['left'])} | "
+                + (study["estimate"] if study["left"] else "finished") + " |")
     return rows + ["", "Counted when this report was made. Planned runs include the values that grids grew by so far "
                    "(a grid whose best value sits at an end still grows). A spec counts as done the runs it takes "
                    "from earlier tables once those exist, so a later spec's runs left include some that an earlier "

@@ -308,6 +308,36 @@ def describe_left(seconds: float, untimed: int, jobs: int | None) -> str:
         f", besides {untimed} run(s) of tasks not yet timed" if untimed else "")
 
 
+def _identity(sweep: "Sweep", run: PlannedRun) -> str:
+    """What makes a run the same run in two specs: its settings; for a run whose value is still to be
+    chosen, its flags and the runs it will choose from (the same flags choosing among the same runs)."""
+    if run.spec is not None:
+        return json.dumps(run.spec, sort_keys=True)
+    sources = sorted(json.dumps(r.spec, sort_keys=True) for r in sweep.runs if r.stage in run.selects.values()
+                     and r.task == run.task and r.variant == run.variant)
+    return json.dumps([run.flags, sources], sort_keys=True)
+
+
+def study_progress(sweeps: list["Sweep"]) -> dict:
+    """Several specs run one after the other, as a dry run counts them: each spec's (sweep, done, todo),
+    and over all of them each distinct run once (the ablations take PRILoRA's and LoRA's runs from
+    earlier tables, so per-spec counts of runs left overlap). Nothing runs and nothing is written."""
+    states = [(sweep, *sweep.progress()) for sweep in sweeps]
+    times = runtimes([r.line for _, done, _ in states for r in done.values()]
+                     + [line for sweep in sweeps for line in sweep.reusable_lines()])
+    planned, finished = {}, set()
+    for sweep, done, _ in states:
+        for run in sweep.runs:
+            key = _identity(sweep, run)
+            planned.setdefault(key, run)
+            if run.id in done:
+                finished.add(key)
+    left = [run for key, run in planned.items() if key not in finished]
+    jobs = min(sweep.jobs for sweep in sweeps)
+    return {"specs": states, "times": times, "planned": len(planned), "done": len(finished), "left": left,
+            "estimate": describe_left(*seconds_left(left, times, jobs), jobs)}
+
+
 class Sweep:
     def __init__(self, spec_path: str, jobs: int | None = None, stream=None):
         self.path = spec_path
