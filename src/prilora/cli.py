@@ -540,15 +540,18 @@ def cmd_sweep(args) -> int:
     sweeps = [Sweep(path, jobs=args.jobs) for path in args.spec]
     for sweep in sweeps:
         sweep.check()  # a bad later spec fails now, not hours into the first
+    if args.dry_run:
+        states = [(sweep, *sweep.dry_run()) for sweep in sweeps]
+        if len(sweeps) > 1:
+            study = study_progress(sweeps, states)
+            print(f"sweep, all {len(sweeps)} specs: {study['planned']} distinct runs, {study['done']} done, "
+                  f"{len(study['left'])} to run" + (f"; {study['estimate']}" if study["left"] else ""), file=sys.stderr)
+        return 0
     code = 0
     for sweep in sweeps:
-        code = max(code, sweep.run(dry_run=args.dry_run))
+        code = max(code, sweep.run())
         if code == 130:  # interrupted: the rest wait for the same command
             break
-    if args.dry_run and len(sweeps) > 1:
-        study = study_progress(sweeps)
-        print(f"sweep, all {len(sweeps)} specs: {study['planned']} distinct runs, {study['done']} done, "
-              f"{len(study['left'])} to run" + (f"; {study['estimate']}" if study["left"] else ""), file=sys.stderr)
     return code
 
 

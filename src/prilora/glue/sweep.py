@@ -318,11 +318,12 @@ def _identity(sweep: "Sweep", run: PlannedRun) -> str:
     return json.dumps([run.flags, sources], sort_keys=True)
 
 
-def study_progress(sweeps: list["Sweep"]) -> dict:
+def study_progress(sweeps: list["Sweep"], states: list[tuple] | None = None) -> dict:
     """Several specs run one after the other, as a dry run counts them: each spec's (sweep, done, todo),
     and over all of them each distinct run once (the ablations take PRILoRA's and LoRA's runs from
-    earlier tables, so per-spec counts of runs left overlap). Nothing runs and nothing is written."""
-    states = [(sweep, *sweep.progress()) for sweep in sweeps]
+    earlier tables, so per-spec counts of runs left overlap). Nothing runs and nothing is written.
+    ``states``: the specs' (sweep, done, todo) when a dry run has counted them already."""
+    states = states or [(sweep, *sweep.progress()) for sweep in sweeps]
     times = runtimes([r.line for _, done, _ in states for r in done.values()]
                      + [line for sweep in sweeps for line in sweep.reusable_lines()])
     planned, finished = {}, set()
@@ -561,20 +562,28 @@ class Sweep:
         log.close()
         return proc
 
-    def run(self, dry_run: bool = False) -> int:
-        self.check()
-        done = self.collect_done(write=not dry_run)
-        todo = [r for r in self.runs if r.id not in done]
-        self.added.clear()
+    def summarize(self, done: dict[str, PlannedRun], todo: list[PlannedRun]) -> None:
         self.log(f"{len(self.runs)} runs, {len(done)} done, {len(todo)} to run -> {self.out}"
                  + (f"; {self.estimate(todo, done)}" if todo else ""))
-        if dry_run:
-            for r in self.runs:
-                state = ("done" + (f" (reused from {r.line['sweep']['reused_from']})"
-                                   if r.line["sweep"].get("reused_from") else "")) if r.id in done else ("waits for " + ", ".join(sorted(set(r.selects.values())))
-                                                     if r.spec is None else "to run")
-                print(f"{r.id}\t{state}")
-            return 0
+
+    def dry_run(self) -> tuple[dict[str, PlannedRun], list[PlannedRun]]:
+        """Log the counts and list every run with its state (stdout); nothing runs and nothing is written.
+        Returns what progress() returns, so that several specs' dry runs can be totalled without counting again."""
+        done, todo = self.progress()
+        self.summarize(done, todo)
+        for r in self.runs:
+            reused = (r.line or {}).get("sweep", {}).get("reused_from")
+            state = (f"done (reused from {reused})" if reused else "done") if r.id in done else \
+                "waits for " + ", ".join(sorted(set(r.selects.values()))) if r.spec is None else "to run"
+            print(f"{r.id}\t{state}")
+        return done, todo
+
+    def run(self) -> int:
+        self.check()
+        done = self.collect_done()
+        todo = [r for r in self.runs if r.id not in done]
+        self.added.clear()
+        self.summarize(done, todo)
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         running: dict[str, tuple[PlannedRun, subprocess.Popen, float]] = {}
         stop = {"signal": None}
