@@ -330,3 +330,24 @@ def test_shared_input_is_squared_once_and_not_kept_alive(monkeypatch):
     assert alive() is None  # the statistics keep no activation alive (a strong reference cost 24 MiB on MiniLM)
     pruner.step()
     assert all(float(acc.abs().sum()) == 0.0 for acc in pruner.stats.accs.values())  # folded into the EMA
+
+
+def test_event_history_counts_zeros_of_every_matrix_with_one_read_per_device(monkeypatch):
+    """The "before" fraction counts the zeros left in every pruned matrix (checked against a count made
+    here), and an event reads counts back to the host once per device, not once per matrix."""
+    model, pruner = make(prune_interval=3, prune_start=5, prune_end=6)
+    train_step(model, pruner, batch(0))  # input norms for the importance scores; no event yet
+    assert len(pruner.sites) == 3 and pruner.history == []
+    with torch.no_grad():
+        for i, site in enumerate(pruner.sites):  # 1, 2 and 3 zeros in rows of different matrices
+            site.weight[0, : i + 1] = 0.0
+    expected = sum(int((s.weight == 0).sum()) for s in pruner.sites) / sum(s.weight.numel() for s in pruner.sites)
+    assert expected > 0
+    reads = []
+    original = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t.device) or original(t))
+    pruner.prune()
+    monkeypatch.undo()
+    assert pruner.history == [[1, pytest.approx(expected), 0.5]]
+    # the count of steps whose norms were skipped (inf/NaN), the zeros before and after the event
+    assert reads == [torch.device("cpu")] * 3

@@ -172,7 +172,13 @@ class PriLoraPruner:
         self.history.append([self.global_step, before, self._zero_fraction()])
 
     def _zero_fraction(self) -> float:
-        zeros = sum(int((site.weight == 0).sum()) for site in self.sites)
+        """Zeros over all pruned matrices. The counts add up on their own device and are read back
+        once per device: a read per matrix would stall a GPU hundreds of times per event."""
+        per_device: dict[torch.device, torch.Tensor] = {}
+        for site in self.sites:
+            count = (site.weight == 0).sum()
+            per_device[count.device] = per_device[count.device] + count if count.device in per_device else count
+        zeros = sum(int(count) for count in per_device.values())
         return zeros / sum(site.weight.numel() for site in self.sites)
 
     def _event_norms(self) -> dict[str, torch.Tensor]:
