@@ -211,3 +211,16 @@ def test_parameter_counts_show_one_value_or_the_range():
             {"method": "full", "trainable_params": 22713601, "lora_params": 0}]  # STS-B's head has one output
     assert _params(full) == "all (22,713,601-22,713,986)"
     assert _params([{"method": "full"}]) == "all" and _params([{"method": "lora"}]) == "-"
+
+
+def test_report_states_the_machines_and_software_with_the_runs_on_each(tmp_path):
+    machine = {"platform": "Linux-x", "processor": "x86_64", "cpu_count": 2, "device": "cpu", "torch_threads": 1}
+    versions = {"python": "3.11.7", "torch": "2.13.0+cpu", "peft": "0.21.2"}
+    rows = [line("mrpc", "lora", s, 0.8, machine=dict(machine), versions=versions) for s in range(3)]
+    rows[2]["machine"]["torch_threads"] = 2
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert ("Machines: Linux-x, 2 CPUs, cpu, 1 torch thread(s) a run (2 runs); "
+            "Linux-x, 2 CPUs, cpu, 2 torch thread(s) a run (1 run). "
+            "Software: python 3.11.7, torch 2.13.0+cpu, peft 0.21.2.") in text

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .sweep import Sweep, describe_left, read_lines, score_of, seconds_left, select_values, study_progress
 from .tasks import TASKS
@@ -537,6 +537,28 @@ def progress_table(specs: list[str]) -> list[str]:
                    "time; loading and evaluation are not in it."]
 
 
+def describe_machine(machine: dict) -> str:
+    threads = machine.get("torch_threads")
+    return ", ".join(str(part) for part in (
+        machine.get("platform", "?"),
+        f"{machine['cpu_count']} CPUs" if machine.get("cpu_count") else None,
+        machine.get("device"),
+        f"{threads} torch thread(s) a run" if threads else None,
+    ) if part)
+
+
+def describe_versions(versions: dict) -> str:
+    return ", ".join(f"{name} {version}" for name, version in versions.items()) or "?"
+
+
+def setups(lines: list[dict], key: str, describe) -> str:
+    """What the runs ran on, with how many runs each, when they did not all run on the same."""
+    counts = Counter(describe(line.get(key) or {}) for line in lines)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{setup} ({n} run{'' if n == 1 else 's'})" for setup, n in sorted(counts.items()))
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
@@ -570,9 +592,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
         md += [text, ""]
     if table:
         md += ["## Progress", ""] + table + [""]
-    machines = sorted({(line.get("machine") or {}).get("platform", "?") for line in lines})
     models = sorted({line.get("model", "?") for line in lines})
-    md += [f"Models: {', '.join(models)}. Machines: {', '.join(machines)}.", ""]
+    md += [f"Models: {', '.join(models)}. Machines: {setups(lines, 'machine', describe_machine)}. "
+           f"Software: {setups(lines, 'versions', describe_versions)}.", ""]
     for name, tlines in tables.items():
         held_out = any(line.get("holdout") for line in tlines)
         md += [f"## {name}" + (" (scored on a held-out part of train)" if held_out else ""), ""]
