@@ -422,3 +422,30 @@ def test_committed_specs_sharing_a_results_file_plan_distinct_runs(monkeypatch):
             assert run.id not in owners, f"{run.id} is planned by {owners[run.id]} and {spec}"
             owners[run.id] = spec
     assert shared >= 1  # the check above compared something
+
+
+def test_a_second_sweep_of_a_running_spec_is_refused(tmp_path, tiny_model_dir, glue_dir, capsys):
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir,
+                      stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
+    # Another process holds the spec's runs folder, as a sweep in the background would.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from prilora.glue.sweep import Sweep, exclusive\n"
+        f"with exclusive([Sweep({str(spec)!r})]):\n    print('held', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(["sweep", str(spec)]) == 2
+        lock = tmp_path / "runs" / ".sweep.lock"
+        assert capsys.readouterr().err.strip() == (
+            f"prilora sweep: error: sweep t is already running in process {holder.pid} (it holds {lock}): "
+            f"let it finish, or stop it (kill -INT {holder.pid}) and run this again")
+        assert not (tmp_path / "results").exists() and sorted(os.listdir(tmp_path / "runs")) == [".sweep.lock"]
+        assert main(["sweep", str(spec), "--dry-run"]) == 0  # counting needs no lock
+    finally:
+        holder.kill()  # a killed holder releases the lock with its process
+        holder.wait()
+    assert main(["sweep", str(spec)]) == 0
+    assert len(lines(tmp_path / "results" / "t.jsonl")) == 1

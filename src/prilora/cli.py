@@ -533,7 +533,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .glue.sweep import Sweep, SweepError, study_progress
+    from .glue.sweep import Sweep, SweepError, exclusive, study_progress
 
     if args.jobs is not None and args.jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
@@ -548,10 +548,11 @@ def cmd_sweep(args) -> int:
                   f"{len(study['left'])} to run" + (f"; {study['estimate']}" if study["left"] else ""), file=sys.stderr)
         return 0
     code = 0
-    for sweep in sweeps:
-        code = max(code, sweep.run())
-        if code == 130:  # interrupted: the rest wait for the same command
-            break
+    with exclusive(sweeps):
+        for sweep in sweeps:
+            code = max(code, sweep.run())
+            if code == 130:  # interrupted: the rest wait for the same command
+                break
     return code
 
 

@@ -16,6 +16,7 @@ value sits at an end): the runs that select from it then follow the new choice.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -337,6 +338,41 @@ def study_progress(sweeps: list["Sweep"], states: list[tuple] | None = None) -> 
     jobs = min(sweep.jobs for sweep in sweeps)
     return {"specs": states, "times": times, "planned": len(planned), "done": len(finished), "left": left,
             "estimate": describe_left(*seconds_left(left, times, jobs), jobs)}
+
+
+LOCK_FILE = ".sweep.lock"
+
+
+@contextlib.contextmanager
+def exclusive(sweeps: list["Sweep"]):
+    """Hold each runs folder for this process alone: a second ``prilora sweep`` of the same spec would
+    start the same runs in the same folders and append them twice. The lock (``flock``) goes with the
+    process, so a sweep that was killed leaves nothing to clean up. No lock where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    folders = {}
+    for sweep in sweeps:
+        folders.setdefault(os.path.realpath(sweep.settings["runs_dir"]), sweep.settings["name"])
+    with contextlib.ExitStack() as stack:
+        for folder, name in folders.items():
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, LOCK_FILE)
+            f = stack.enter_context(open(path, "a+"))
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise SweepError(f"sweep {name} is already running in process {holder} (it holds {path}): "
+                                 f"let it finish, or stop it (kill -INT {holder}) and run this again") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
 
 
 class Sweep:
