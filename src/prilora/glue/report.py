@@ -471,6 +471,22 @@ def _pruned(line: dict) -> tuple | None:
     return cfg.get("prune_matrix", "A"), cfg.get("prune_ratio")
 
 
+def regrowth(lines: list[dict]) -> str | None:
+    """Whether pruned weights stay zero until the next event, from every run's pruning history (each run
+    once: lines copied from another file are skipped). The zeros just before an event, after the first,
+    are what is left of the previous event's."""
+    left = [max(before for _, before, _ in line["pruning_history"][1:]) for line in lines
+            if len(line.get("pruning_history") or []) > 1 and not (line.get("sweep") or {}).get("reused_from")]
+    if not left:
+        return None
+    none_left = sum(1 for x in left if x == 0)
+    text = (f"Zeros left of one pruning event just before the next: none in {none_left} of the {len(left)} runs "
+            "with two or more events (every pruned weight had moved off zero: pruning zeroes without freezing)")
+    if none_left < len(left):
+        text += f"; in the other {len(left) - none_left}, at most {max(left):.4f} of the pruned matrix"
+    return text + "."
+
+
 def plot_sparsity(lines: list[dict], path: str) -> bool:
     """A zeros over training (fraction of the run), before and after each pruning event: one run per pruned
     matrix and ratio (criteria and schedules with the same ones have the same sparsity), labelled with the
@@ -627,6 +643,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
         md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
     if plot_sparsity(lines, os.path.join(plots_dir, "sparsity.png")):
         md += ["## Sparsity over training", "", f"![sparsity over training]({rel}/sparsity.png)", ""]
+        md += [regrown, ""] if (regrown := regrowth(lines)) else []
     text = "\n".join(md).rstrip() + "\n"
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
