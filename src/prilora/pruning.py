@@ -177,7 +177,8 @@ class PriLoraPruner:
         per_device: dict[torch.device, torch.Tensor] = {}
         for site in self.sites:
             count = (site.weight == 0).sum()
-            per_device[count.device] = per_device[count.device] + count if count.device in per_device else count
+            total = per_device.get(count.device)
+            per_device[count.device] = count if total is None else total + count
         zeros = sum(int(count) for count in per_device.values())
         return zeros / sum(site.weight.numel() for site in self.sites)
 
