@@ -261,3 +261,19 @@ def test_regrowth_is_counted_from_the_pruning_histories_once_per_run(tmp_path):
     assert ("Zeros left of one pruning event just before the next: none in 2 of the 3 runs with two or more "
             "events (every pruned weight had moved off zero: pruning zeroes without freezing); in the other 1, "
             "at most 0.0200 of the pruned matrix.") in out.read_text()
+
+
+def test_a_pattern_the_shell_left_unexpanded_is_matched_here_or_left_out(tmp_path, capsys):
+    write(tmp_path / "main.jsonl", [line("mrpc", "lora", s, v) for s, v in enumerate([0.80, 0.78])])
+    out = tmp_path / "R.md"
+    pattern = str(tmp_path / "ablation-*.jsonl")
+    assert main(["report", str(tmp_path / "main.jsonl"), pattern, "--out", str(out)]) == 0
+    assert f"prilora report: no results file matches {pattern} yet: left out" in capsys.readouterr().err
+    assert "(2 runs)" in out.read_text()
+    write(tmp_path / "ablation-a.jsonl", [line("mrpc", "prilora", 0, 0.81)])
+    write(tmp_path / "ablation-b.jsonl", [line("cola", "prilora", 0, 0.30)])
+    assert main(["report", str(tmp_path / "main.jsonl"), pattern, "--out", str(out)]) == 0
+    assert "(4 runs)" in out.read_text() and "no results file matches" not in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "other-*.jsonl"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"prilora report: error: no results in {tmp_path / 'other-*.jsonl'}"

@@ -14,9 +14,11 @@ choice are marked.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import statistics
+import sys
 from collections import Counter, defaultdict
 
 from .sweep import Sweep, describe_left, read_lines, score_of, seconds_left, select_values, study_progress
@@ -29,9 +31,23 @@ class ReportError(ValueError):
     """Missing or unreadable input; the message names the file."""
 
 
+def expand(paths: list[str]) -> list[str]:
+    """The results files: a pattern that no file matched reaches us as it is (the shell passes it on), so
+    a study's one report command (``results/ablation-*.jsonl``) works before its later files exist."""
+    found = []
+    for path in paths:
+        if os.path.exists(path) or not any(c in path for c in "*?["):
+            found.append(path)
+        elif matches := sorted(glob.glob(path)):
+            found += matches
+        else:
+            print(f"prilora report: no results file matches {path} yet: left out", file=sys.stderr)
+    return found
+
+
 def load(paths: list[str]) -> list[dict]:
     lines = []
-    for path in paths:
+    for path in expand(paths):
         if not os.path.isfile(path):
             raise ReportError(f"results file {path} not found")
         for line in read_lines(path):
