@@ -277,3 +277,24 @@ def test_a_pattern_the_shell_left_unexpanded_is_matched_here_or_left_out(tmp_pat
     assert main(["report", str(tmp_path / "other-*.jsonl"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"prilora report: error: no results in {tmp_path / 'other-*.jsonl'}"
+
+
+def test_a_grid_is_complete_against_its_own_spec_and_copied_lines_are_not_counted_as_runs(tmp_path):
+    def grid_line(spec, task, lr, score, **extra):
+        row = line(task, "adalora", 0, score, stage="lr", lr=lr, holdout=0.1, **extra)
+        row["sweep"].update(name=spec, table="main")
+        return row
+
+    # Two specs share the table "main": the first's grid has 4e-3, the second's ends at 2e-3.
+    rows = [grid_line("main", "mrpc", lr, s) for lr, s in ((1e-3, 0.70), (2e-3, 0.72), (4e-3, 0.75))]
+    rows += [grid_line("sst2", "sst2", lr, s) for lr, s in ((1e-3, 0.85), (2e-3, 0.86))]
+    rows += [grid_line("main", "cola", 1e-3, 0.20)]  # cola's grid still lacks 2e-3 and 4e-3
+    copy = grid_line("ablation", "mrpc", 1e-3, 0.70)
+    copy["sweep"].update(table="ablation", reused_from="results/main.jsonl")
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows + [copy])), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| sst2 | adalora | 0.001: 85.00 (1) · **0.002: 86.00 (1)** | 0.002 |" in text
+    assert "| cola | adalora | **0.001: 20.00 (1)** | 0.001 so far (grid unfinished) |" in text
+    assert "| mrpc | adalora | 0.001: 70.00 (1) · 0.002: 72.00 (1) · **0.004: 75.00 (1)** | 0.004 |" in text
+    assert "from the raw results alone (6 runs; and 1 line(s) that copy runs of an earlier file into a later table)" in text
