@@ -254,8 +254,10 @@ def test_regrowth_is_counted_from_the_pruning_histories_once_per_run(tmp_path):
     rows = [line("mrpc", "prilora", s, 0.8, pruning_history=regrew) for s in range(2)]
     rows += [line("cola", "prilora", 0, 0.3, pruning_history=[[10, 0.0, 0.5], [20, 0.02, 0.5], [30, 0.007, 0.5]])]
     rows += [line("stsb", "prilora", 0, 0.8, pruning_history=[[10, 0.3, 0.5]])]  # one event: nothing to compare
-    copy = line("cola", "prilora", 0, 0.3, pruning_history=[[10, 0.0, 0.5], [20, 0.9, 0.5]])
-    copy["sweep"]["reused_from"] = "results/main-table.jsonl"  # the same run, copied into another file
+    for i, row in enumerate(rows):
+        row["finished_at"] = f"2026-01-01T00:00:0{i}"
+    copy = json.loads(json.dumps(rows[2]))  # the same run, copied into another file
+    copy["sweep"]["reused_from"] = "results/main-table.jsonl"
     out = tmp_path / "RESULTS.md"
     assert main(["report", str(write(tmp_path / "r.jsonl", rows + [copy])), "--out", str(out)]) == 0
     assert ("Zeros left of one pruning event just before the next: none in 2 of the 3 runs with two or more "
@@ -289,12 +291,16 @@ def test_a_grid_is_complete_against_its_own_spec_and_copied_lines_are_not_counte
     rows = [grid_line("main", "mrpc", lr, s) for lr, s in ((1e-3, 0.70), (2e-3, 0.72), (4e-3, 0.75))]
     rows += [grid_line("sst2", "sst2", lr, s) for lr, s in ((1e-3, 0.85), (2e-3, 0.86))]
     rows += [grid_line("main", "cola", 1e-3, 0.20)]  # cola's grid still lacks 2e-3 and 4e-3
-    copy = grid_line("ablation", "mrpc", 1e-3, 0.70)
+    copy = grid_line("ablation", "mrpc", 1e-3, 0.70)  # the same run, copied into an ablation's file
     copy["sweep"].update(table="ablation", reused_from="results/main.jsonl")
+    # Taken from a file the report is not given: a run of its own here.
+    elsewhere = grid_line("main", "mrpc", 5e-4, 0.60, finished_at="2026-01-01T00:00:00")
+    elsewhere["sweep"]["reused_from"] = "results/recipes.jsonl"
     out = tmp_path / "R.md"
-    assert main(["report", str(write(tmp_path / "r.jsonl", rows + [copy])), "--out", str(out)]) == 0
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows + [copy, elsewhere])), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| sst2 | adalora | 0.001: 85.00 (1) · **0.002: 86.00 (1)** | 0.002 |" in text
     assert "| cola | adalora | **0.001: 20.00 (1)** | 0.001 so far (grid unfinished) |" in text
-    assert "| mrpc | adalora | 0.001: 70.00 (1) · 0.002: 72.00 (1) · **0.004: 75.00 (1)** | 0.004 |" in text
-    assert "from the raw results alone (6 runs; and 1 line(s) that copy runs of an earlier file into a later table)" in text
+    assert "| mrpc | adalora | 0.0005: 60.00 (1) · 0.001: 70.00 (1) · 0.002: 72.00 (1) · **0.004: 75.00 (1)** | 0.004 |" \
+        in text
+    assert "from the raw results alone (7 runs; and 1 line(s) that copy runs of an earlier file into a later table)" in text

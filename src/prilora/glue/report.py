@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import statistics
 import sys
@@ -488,17 +489,24 @@ def _pruned(line: dict) -> tuple | None:
     return cfg.get("prune_matrix", "A"), cfg.get("prune_ratio")
 
 
-def copied(line: dict) -> bool:
-    """A line a sweep copied from an earlier file (``reuse``): the same run as that file's line."""
-    return bool((line.get("sweep") or {}).get("reused_from"))
+def distinct_runs(lines: list[dict]) -> list[dict]:
+    """Each run once: a sweep that takes a run from an earlier file (``reuse``) copies its line into its
+    own file, and both files may be in the report. A copy keeps the run's own record (when it finished,
+    how long it took), which tells it apart from another run with the same settings."""
+    runs = {}
+    for line in lines:
+        key = (line.get("task"), line.get("method"), line.get("seed"), line.get("finished_at"),
+               line.get("train_runtime_s"), json.dumps(line.get("metrics"), sort_keys=True))
+        runs.setdefault(key, line)
+    return list(runs.values())
 
 
 def regrowth(lines: list[dict]) -> str | None:
     """Whether pruned weights stay zero until the next event, from every run's pruning history (each run
-    once: lines copied from another file are skipped). The zeros just before an event, after the first,
+    once). The zeros just before an event, after the first,
     are what is left of the previous event's."""
-    left = [max(before for _, before, _ in line["pruning_history"][1:]) for line in lines
-            if len(line.get("pruning_history") or []) > 1 and not copied(line)]
+    left = [max(before for _, before, _ in line["pruning_history"][1:]) for line in distinct_runs(lines)
+            if len(line.get("pruning_history") or []) > 1]
     if not left:
         return None
     none_left = sum(1 for x in left if x == 0)
@@ -612,7 +620,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     tables: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         tables[group_key(line)[0]].append(line)
-    runs = [line for line in lines if not copied(line)] or lines
+    runs = distinct_runs(lines)
     copies = f"; and {len(lines) - len(runs)} line(s) that copy runs of an earlier file into a later table" \
         if len(runs) < len(lines) else ""
     md = ["# Results", "",
