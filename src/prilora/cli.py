@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "where a table crosses them, and PNG plots (scores, ranks per layer, sparsity over training); "
                     "with --progress, how far the study's specs have got.",
     )
-    report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl")
+    report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl; a pattern "
+                        "no file matches yet (results/ablation-*.jsonl) is left out with a note")
     report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
     report.add_argument("--plots", default=None, help="folder for the PNGs (default: results/ beside --out)")
     report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
