@@ -137,3 +137,27 @@ def test_train_clm_on_gpt2_and_opt_folders(tmp_path):
         assert clm(tmp_path, folder, "--max-steps", "4", out=f"{arch}-run") == 0
         r = json.loads((tmp_path / f"{arch}-run" / "results.json").read_text())
         assert r["steps"] == 4 and r["ranks"] == [4, 7, 9, 12]
+
+
+def test_train_clm_ctrl_c_saves_the_step_and_resumes_from_it(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from prilora.pruning import PriLoraPruner
+
+    real = PriLoraPruner.step
+
+    def step(self):
+        real(self)
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(PriLoraPruner, "step", step)
+    assert clm(tmp_path, tiny_llama_dir) == 130
+    out = tmp_path / "clm"
+    assert f"interrupted after optimizer step 3, saved as {out / 'checkpoint-3'}" in capsys.readouterr().err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"] and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert clm(tmp_path, tiny_llama_dir, "--resume") == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["resumed_from"] == "checkpoint-3" and r["a_sparsity"] == 0.5

@@ -127,6 +127,41 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     assert rb["pruning_history"] == ra["pruning_history"]
 
 
+def test_ctrl_c_saves_the_step_it_stops_at_and_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, monkeypatch,
+                                                                                        capsys):
+    import os
+    import signal
+
+    from prilora.pruning import PriLoraPruner
+
+    extra = ["--prune-interval", "2", "--epochs", "2"]  # 12 optimizer steps; checkpoints only at epoch ends
+    assert train(tmp, glue_dir, *extra, out="full") == 0
+    real = PriLoraPruner.step
+
+    def step(self):
+        real(self)
+        if self.global_step == 5:  # mid-epoch; a sweep and its terminal may both send one
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(PriLoraPruner, "step", step)
+    cut = tmp["root"] / "cut"
+    assert train(tmp, glue_dir, *extra, out="cut") == 130
+    assert f"prilora train: interrupted after optimizer step 5, saved as {cut / 'checkpoint-5'}; checkpoints stay " \
+           f"in {cut}: rerun with --resume to continue" in capsys.readouterr().err
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-5"] and not (cut / "results.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    monkeypatch.undo()
+    assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
+    a, b = load_file(tmp["root"] / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    ra, rb = results(tmp, "full"), results(tmp, "cut")
+    assert rb["resumed_from"] == "checkpoint-5" and rb["steps"] == ra["steps"] == 12
+    assert rb["metrics"] == ra["metrics"] and rb["pruning_history"] == ra["pruning_history"]
+
+
 def error_of(capsys, code):
     assert code == 2
     err = capsys.readouterr().err.strip()

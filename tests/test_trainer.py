@@ -131,3 +131,24 @@ def test_state_from_another_model_is_refused(tmp_path):
     other_model, other = get_prilora_model(tiny_bert(seed=0), PriLoraConfig(task_type="SEQ_CLS", r_start=2, r_end=6))
     with pytest.raises(ValueError, match=r"mask for .* has shape \(4, 32\), the model.s A has \(2, 32\): it was saved from a different model"):
         other.load(tmp_path)
+
+
+def test_save_on_interrupt_outside_a_step_and_when_disabled():
+    import os
+    import signal
+
+    from prilora import SaveOnInterrupt
+
+    # A signal after the last optimizer step: training is over, the run still stops (no results written).
+    with pytest.raises(KeyboardInterrupt, match="after the last optimizer step"):
+        with SaveOnInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # more signals: ignored while it stops
+            assert interrupt.requested
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # Disabled (a process of a distributed run): Ctrl-C stops at once, as without it.
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with SaveOnInterrupt(enabled=False) as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert str(stopped.value) == "" and not interrupt.requested

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .callback import PriLoraCallback  # noqa: E402
+from .callback import PriLoraCallback, SaveOnInterrupt  # noqa: E402
 from .config import PriLoraConfig  # noqa: E402
 from .model import get_prilora_model, parameter_counts, prilora_summary  # noqa: E402
 from .pruning import PriLoraPruner  # noqa: E402
@@ -11,6 +11,7 @@ from .ranks import rank_schedule  # noqa: E402
 __all__ = [
     "PriLoraConfig",
     "PriLoraCallback",
+    "SaveOnInterrupt",
     "PriLoraPruner",
     "get_prilora_model",
     "parameter_counts",

@@ -1,8 +1,12 @@
-"""Transformers Trainer glue: a thin callback over the pruner's plain-loop methods."""
+"""Transformers Trainer glue: a thin callback over the pruner's plain-loop methods, and a callback that
+turns Ctrl-C into a checkpoint."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -65,4 +69,51 @@ class PriLoraCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.pruner.finalize()
+        return control
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C or SIGTERM during ``trainer.train()``: finish the optimizer step, save a checkpoint (the
+    pruner's state goes with it when this callback comes after :class:`PriLoraCallback`), then raise
+    ``KeyboardInterrupt``, so a resumed run loses no step instead of everything since the last save.
+
+    Use as a context manager around ``trainer.train()``; it handles the signals only inside it, only in
+    the main thread, and only for a single process (processes of a distributed run could see the signal
+    at different steps and would then disagree on the save). More signals while it saves are ignored:
+    a sweep and a terminal may both send one; SIGKILL still stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+        if self.requested and exc[0] is None:  # the signal came after the last step: stop all the same
+            raise KeyboardInterrupt("after the last optimizer step")
+
+    def _request(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            print("stopping after this optimizer step, with a checkpoint to resume from", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.requested:
+            raise KeyboardInterrupt(f"after optimizer step {state.global_step}, saved as "
+                                    f"{os.path.join(args.output_dir, f'{PREFIX_CHECKPOINT_DIR}-{state.global_step}')}")
         return control

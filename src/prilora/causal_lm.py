@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .architectures import ENCODER_MODEL_TYPES
-from .callback import PriLoraCallback
+from .callback import PriLoraCallback, SaveOnInterrupt
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
 from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, launched_world_size, machine,
@@ -176,9 +176,10 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
+    interrupt = SaveOnInterrupt(enabled=launched_world_size() == 1)  # after the pruner's: its state is saved too
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=[PriLoraCallback(pruner)])
+                      callbacks=[PriLoraCallback(pruner), interrupt])
     wait_for_main_process()  # the output folder exists before any process trains
     if main:
         print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "
@@ -187,7 +188,8 @@ def run_clm(spec: ClmSpec, paths) -> dict:
               + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     before = trainer.evaluate()["eval_loss"]
     start = time.time()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    with interrupt:
+        output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
     after = trainer.evaluate()["eval_loss"]
     replicas = pruner.check_replicas()

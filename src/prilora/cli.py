@@ -573,9 +573,10 @@ def main(argv=None) -> int:
     except (RunError, GlueDataError, AdapterError, ReportError) as e:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         out = getattr(args, "output_dir", None)
-        print(f"prilora {args.command}: interrupted; checkpoints stay in {out}: rerun with --resume to continue",
+        when = f" {e}" if str(e) else ""  # SaveOnInterrupt says after which step, and where it saved
+        print(f"prilora {args.command}: interrupted{when}; checkpoints stay in {out}: rerun with --resume to continue",
               file=sys.stderr)
         return 130
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..callback import PriLoraCallback
+from ..callback import PriLoraCallback, SaveOnInterrupt
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
@@ -252,16 +252,17 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         average_tokens_across_devices=False,
     )
     collator = DataCollatorWithPadding(tokenizer)
+    world = launched_world_size()
+    interrupt = SaveOnInterrupt(enabled=world == 1)  # last: the pruner's state is in the checkpoint it asks for
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
-        data_collator=collator, callbacks=callbacks,
+        data_collator=collator, callbacks=callbacks + [interrupt],
     )
     # The classifiers accept num_items_in_batch but ignore it (their loss is a per-batch mean): without this,
     # Trainer would skip dividing by the micro-batches and scale gradients by --gradient-accumulation.
     trainer.model_accepts_loss_kwargs = False
     wait_for_main_process()  # the output folder exists before any process trains
     evaluated = ", ".join(f"{len(d)} {name}" for name, d in eval_splits.items())
-    world = launched_world_size()
     layout = "" if world == 1 and paths.gradient_accumulation == 1 else \
         f" ({world} process(es) x {paths.gradient_accumulation} micro-batch(es) of {micro})"
     if main:
@@ -271,7 +272,8 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
               f"{recipe.max_seq_length}, {spec.precision}; {len(train_split)} training examples, evaluated on "
               f"{evaluated}" + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     start = time.time()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    with interrupt:
+        output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - start
 
     predictions, metrics, baseline = {}, {}, {}
