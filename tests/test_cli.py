@@ -117,12 +117,18 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
         src = full / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
     assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
+    assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
+
+
+def assert_resumed_as_uninterrupted(tmp, checkpoint):
+    """The resumed run "cut" ends with the adapter and results of the uninterrupted run "full"."""
+    full, cut = tmp["root"] / "full", tmp["root"] / "cut"
     a, b = load_file(full / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     ra, rb = results(tmp, "full"), results(tmp, "cut")
-    assert rb["resumed_from"] == "checkpoint-4" and rb["steps"] == ra["steps"] == 12
+    assert rb["resumed_from"] == checkpoint and rb["steps"] == ra["steps"] == 12
     assert rb["metrics"] == ra["metrics"] and rb["ranks"] == ra["ranks"]
     assert rb["pruning_history"] == ra["pruning_history"]
 
@@ -153,13 +159,7 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_resume_gives_the_uninterrupted_ad
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.undo()
     assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
-    a, b = load_file(tmp["root"] / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
-    ra, rb = results(tmp, "full"), results(tmp, "cut")
-    assert rb["resumed_from"] == "checkpoint-5" and rb["steps"] == ra["steps"] == 12
-    assert rb["metrics"] == ra["metrics"] and rb["pruning_history"] == ra["pruning_history"]
+    assert_resumed_as_uninterrupted(tmp, "checkpoint-5")
 
 
 def error_of(capsys, code):
