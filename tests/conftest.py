@@ -119,3 +119,14 @@ def save_tiny_causal_lm(folder: Path, arch: str = "llama", **kwargs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: a shell starts background jobs (a CI runner's,
+    perhaps) with SIGINT ignored, and a test that sends one must not depend on that."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -139,7 +139,7 @@ def test_train_clm_on_gpt2_and_opt_folders(tmp_path):
         assert r["steps"] == 4 and r["ranks"] == [4, 7, 9, 12]
 
 
-def test_train_clm_ctrl_c_saves_the_step_and_resumes_from_it(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_train_clm_ctrl_c_saves_the_step_and_resumes_from_it(tiny_llama_dir, tmp_path, monkeypatch, capsys, ctrl_c):
     import os
     import signal
 

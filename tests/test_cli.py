@@ -134,7 +134,7 @@ def assert_resumed_as_uninterrupted(tmp, checkpoint):
 
 
 def test_ctrl_c_saves_the_step_it_stops_at_and_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, monkeypatch,
-                                                                                        capsys):
+                                                                                        capsys, ctrl_c):
     import os
     import signal
 

@@ -133,7 +133,7 @@ def test_state_from_another_model_is_refused(tmp_path):
         other.load(tmp_path)
 
 
-def test_save_on_interrupt_outside_a_step_and_when_disabled():
+def test_save_on_interrupt_outside_a_step_and_when_disabled(ctrl_c):
     import os
     import signal
 
@@ -152,3 +152,12 @@ def test_save_on_interrupt_outside_a_step_and_when_disabled():
         with SaveOnInterrupt(enabled=False) as interrupt:
             os.kill(os.getpid(), signal.SIGINT)
     assert str(stopped.value) == "" and not interrupt.requested
+    # An ignored SIGINT (a background job's) stays ignored; SIGTERM is still handled.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with SaveOnInterrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.requested
+        interrupt.requested = False  # training went on to its end
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

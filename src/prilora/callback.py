@@ -92,7 +92,9 @@ class SaveOnInterrupt(TrainerCallback):
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+            # A signal the process ignores stays ignored (a shell starts background jobs ignoring SIGINT).
+            self._old = {s: signal.signal(s, self._request) for s in self.SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
