@@ -14,6 +14,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .pruning import STATE_FILE, PriLoraPruner
 
 
+def checkpoint_folder(args, state) -> str:
+    """The folder Trainer saves the checkpoint of the current optimizer step into."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 def refuse_sharded_parameters(args) -> None:
     """FSDP and DeepSpeed ZeRO stage 3 shard each LoRA matrix across processes, so no process sees a
     whole row of A to rank: refuse at the start rather than prune wrongly. ZeRO 1-2 and DDP keep
@@ -47,7 +52,7 @@ class PriLoraCallback(TrainerCallback):
         refuse_sharded_parameters(args)
         self.pruner.set_total_steps(state.max_steps)
         if state.global_step > 0 and self.pruner.global_step != state.global_step:
-            folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = self.resume_from or checkpoint_folder(args, state)
             if not os.path.isfile(os.path.join(folder, STATE_FILE)):
                 raise FileNotFoundError(
                     f"resuming at optimizer step {state.global_step} but {folder} holds no {STATE_FILE}: "
@@ -62,7 +67,7 @@ class PriLoraCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = checkpoint_folder(args, state)
             if os.path.isdir(folder):
                 self.pruner.save(folder)
         return control
@@ -116,6 +121,6 @@ class SaveOnInterrupt(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.requested:
-            raise KeyboardInterrupt(f"after optimizer step {state.global_step}, saved as "
-                                    f"{os.path.join(args.output_dir, f'{PREFIX_CHECKPOINT_DIR}-{state.global_step}')}")
+            raise KeyboardInterrupt(
+                f"after optimizer step {state.global_step}, saved as {checkpoint_folder(args, state)}")
         return control

@@ -12,9 +12,9 @@ import os
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..architectures import default_modules_to_save, find_target_modules
+from ..callback import checkpoint_folder
 
 ADALORA_STATE_FILE = "adalora_state.pt"
 # Fractions of all optimizer steps; AdaLoRA's GLUE scripts use about 10-15% and 45-60%.
@@ -87,7 +87,7 @@ class AdaLoraCallback(TrainerCallback):
         for key, value in adalora_schedule(self.options, state.max_steps).items():
             setattr(config, key, value)
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", ADALORA_STATE_FILE)
+            path = os.path.join(checkpoint_folder(args, state), ADALORA_STATE_FILE)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"resuming AdaLoRA at step {state.global_step} but {path} is missing")
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,7 +101,7 @@ class AdaLoraCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = checkpoint_folder(args, state)
         if state.is_world_process_zero and os.path.isdir(folder):
             config = self.model.peft_config[self.model.active_adapter]
             state_dict = {key: getattr(self.allocator, key) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")}

@@ -501,11 +501,11 @@ def distinct_runs(lines: list[dict]) -> list[dict]:
     return list(runs.values())
 
 
-def regrowth(lines: list[dict]) -> str | None:
-    """Whether pruned weights stay zero until the next event, from every run's pruning history (each run
-    once). The zeros just before an event, after the first,
-    are what is left of the previous event's."""
-    left = [max(before for _, before, _ in line["pruning_history"][1:]) for line in distinct_runs(lines)
+def regrowth(runs: list[dict]) -> str | None:
+    """Whether pruned weights stay zero until the next event, from every run's pruning history (``runs``:
+    each run once, as ``distinct_runs`` gives them). The zeros just before an event, after the first, are
+    what is left of the previous event's."""
+    left = [max(before for _, before, _ in line["pruning_history"][1:]) for line in runs
             if len(line.get("pruning_history") or []) > 1]
     if not left:
         return None
@@ -676,7 +676,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
         md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
     if plot_sparsity(lines, os.path.join(plots_dir, "sparsity.png")):
         md += ["## Sparsity over training", "", f"![sparsity over training]({rel}/sparsity.png)", ""]
-        md += [regrown, ""] if (regrown := regrowth(lines)) else []
+        md += [regrown, ""] if (regrown := regrowth(runs)) else []
     text = "\n".join(md).rstrip() + "\n"
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
