@@ -5,7 +5,9 @@ Measures, in one run with the variants interleaved round by round (so machine no
   all-MiniLM-L6-v2 (packaged weights) with LoRA r=8, PRILoRA with stats_sync="event" and PRILoRA
   with stats_sync="step", pruning every 10 optimizer steps; median and quartiles in ms;
 - the all-reduce that stats_sync adds: one flat fp32 vector of all adapted input widths
-  (event: once per pruning event; step: once per optimizer step), median in ms.
+  (event: once per pruning event; step: once per optimizer step), median in ms;
+- what SaveOnInterrupt adds to every optimizer step of a distributed run, LoRA's too: the processes
+  agree whether any was signalled (its on_step_end, one flag all-reduced), median in ms.
 
     python experiments/distributed_sync_cost.py                # -> results/distributed-sync-cost.jsonl (appended)
     python experiments/distributed_sync_cost.py --rounds 2     # a quick look
@@ -50,6 +52,10 @@ def build(variant):
 
 
 def worker(rank, world, port, args, queue):
+    from transformers import TrainerControl
+
+    from prilora import SaveOnInterrupt
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     models = {v: build(v) for v in VARIANTS}
@@ -80,9 +86,18 @@ def worker(rank, world, port, args, queue):
         dist.all_reduce(flat)
         if i >= 10:
             reduce_times.append(time.perf_counter() - t0)
+    stop, flag_times = SaveOnInterrupt(), []
+    stop.on_train_begin(None, None, TrainerControl())
+    for i in range(args.reduce_reps + 10):
+        dist.barrier()
+        t0 = time.perf_counter()
+        stop.on_step_end(None, None, TrainerControl())
+        if i >= 10:
+            flag_times.append(time.perf_counter() - t0)
     events = {v: models[v][2].events for v in VARIANTS}
     if rank == 0:
-        queue.put({"times": times, "reduce": reduce_times, "stat_floats": flat.numel(), "events": events})
+        queue.put({"times": times, "reduce": reduce_times, "flag": flag_times, "stat_floats": flat.numel(),
+                   "events": events})
     dist.destroy_process_group()
 
 
@@ -119,6 +134,7 @@ def main():
         "ratio_to_lora": {v: med[v] / med["lora"] for v in VARIANTS},
         "stat_floats": got["stat_floats"], "all_reduce_ms_median": statistics.median(got["reduce"]) * 1000,
         "all_reduce_ms_q75": q(got["reduce"], 0.75) * 1000, "pruning_events": got["events"],
+        "stop_flag_ms_median": statistics.median(got["flag"]) * 1000, "stop_flag_ms_q75": q(got["flag"], 0.75) * 1000,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -127,6 +143,8 @@ def main():
         print(f"{v:14s} step {s['median']:8.1f} ms (IQR {s['q25']:.1f}-{s['q75']:.1f}, n={s['n']})  "
               f"ratio to LoRA {row['ratio_to_lora'][v]:.3f}")
     print(f"all-reduce of the {row['stat_floats']:,} statistics floats: {row['all_reduce_ms_median']:.3f} ms median")
+    print(f"SaveOnInterrupt's agreement on a stop (one flag a step): {row['stop_flag_ms_median']:.3f} ms median, "
+          f"{row['stop_flag_ms_median'] / med['lora']:.3%} of a LoRA step")
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,6 +248,35 @@ def test_output_folder_rules(tmp, glue_dir, capsys):
     assert error_of(capsys, train(tmp, glue_dir, "--overwrite", out="notarun")).endswith(
         "is not empty and holds no prilora run (run.json): choose a new or empty folder")
     assert (other / "keep.txt").read_text() == "mine"
+
+
+HOLD = """
+import sys
+from prilora.run_folder import hold_output_dir
+with hold_output_dir(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_folder_another_process_trains_in_is_refused(tmp, glue_dir, capsys):
+    run = tmp["root"] / "run"
+    assert train(tmp, glue_dir, "--max-steps", "2") == 0
+    (run / "results.json").unlink()  # an unfinished run, which another process is now continuing
+    kept = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        for flag in ("--resume", "--overwrite"):  # --overwrite would have emptied the folder under it
+            assert error_of(capsys, train(tmp, glue_dir, "--max-steps", "2", flag)) == (
+                f"prilora train: error: --output-dir {run} is in use by another prilora process that is training "
+                "there: let it finish (or stop it), then run this again, or choose another --output-dir")
+        assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == kept
+    finally:
+        holder.communicate("")  # its stdin closes: it lets go
+    assert train(tmp, glue_dir, "--max-steps", "2", "--overwrite") == 0  # and the folder is free again
 
 
 def test_model_that_cannot_load_offline(tmp, glue_dir, capsys):

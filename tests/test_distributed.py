@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from prilora import PriLoraCallback, PriLoraConfig, get_prilora_model
 from prilora.cli import main
+from prilora.pruning import STATE_FILE
 from prilora.run_folder import finish_distributed
 
 from conftest import tiny_bert
@@ -169,9 +170,11 @@ def test_precision_and_accumulation_flags(tiny_model_dir, glue_dir, tmp_path, ca
     assert not (tmp_path / "ga3").exists() and not (tmp_path / "fp16").exists()
 
 
-def torchrun(*argv):
+def torchrun(*argv, script=None):
+    """``prilora`` (or a script that wraps it) in 2 processes."""
+    entry = [str(script)] if script else ["-m", "prilora.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "prilora.cli", *argv]
+           *entry, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -194,6 +197,45 @@ def _finish_worker(rank, world, ports, out):
             f.write(f"{i + 1} {dist.is_initialized()}")
 
 
+def _interrupt_worker(rank, world, port, out):
+    from transformers import TrainerControl
+
+    from prilora import SaveOnInterrupt
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    args, seen = SimpleNamespace(output_dir="run"), []
+    during = SaveOnInterrupt()
+    during.on_train_begin(args, SimpleNamespace(), TrainerControl())
+    for step in range(1, 5):
+        during.requested |= rank == 1 and step == 2  # a signal to rank 1 alone, during step 2
+        control = during.on_step_end(args, SimpleNamespace(global_step=step), TrainerControl())
+        seen.append(control.should_save)
+        if control.should_save:
+            try:
+                during.on_save(args, SimpleNamespace(global_step=step), control)
+            except KeyboardInterrupt as e:
+                seen.append(str(e))
+                break
+    after = SaveOnInterrupt()  # a signal to rank 0 alone, after the last step: both stop
+    after.on_train_begin(args, SimpleNamespace(), TrainerControl())
+    try:
+        with after:
+            after.requested = rank == 0
+    except KeyboardInterrupt as e:
+        seen.append(str(e))
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    finish_distributed()
+
+
+def test_processes_agree_on_the_step_an_interrupt_stops_at(tmp_path):
+    mp.spawn(_interrupt_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [
+            False, True, f"after optimizer step 2, saved as {os.path.join('run', 'checkpoint-2')}",
+            "after the last optimizer step"]
+
+
 def test_runs_end_with_the_process_group_torn_down(tmp_path):
     # Without the pause in finish_distributed this hung (or aborted with SIGABRT, as rank 1 did in one CI
     # run of the torchrun test) within 30 rounds, every time it was tried.
@@ -209,6 +251,23 @@ def test_runs_end_with_the_process_group_torn_down(tmp_path):
     assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == [f"{rounds} False"] * 2
 
 
+SIGNAL_RANK_1 = """
+import os, signal, sys
+from prilora.cli import main
+from prilora.pruning import PriLoraPruner
+
+real = PriLoraPruner.step
+
+def step(self):
+    real(self)
+    if self.global_step == 5 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+PriLoraPruner.step = step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_path):
     argv = ["train", "--task", "rte", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
             "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "8", "--epochs", "2",
@@ -220,15 +279,23 @@ def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_p
     assert r["world_size"] == 2 and r["micro_batch_size"] == 4 and r["steps"] == 16
     assert r["replicas_identical"] is True and r["a_sparsity"] == 0.5 and r["eval_examples"] == {"dev": 32}
     assert len([line for line in done.stdout.splitlines() if line.startswith('{"task"')]) == 1  # rank 0 alone
-    # Interrupted after the checkpoint at step 4: resume under torchrun gives the same adapter.
+    # SIGTERM to rank 1 alone, mid-epoch (a scheduler preempting one node; torchrun passing Ctrl-C on to
+    # processes at different steps): both processes agree to stop, save step 5 and exit; rank 0 says so.
+    script = tmp_path / "signal_rank_1.py"
+    script.write_text(SIGNAL_RANK_1)
     cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copy(tmp_path / "full" / "run.json", cut / "run.json")
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", cut / "checkpoint-4")
+    stopped = torchrun(*argv, "--output-dir", str(cut), script=script)
+    assert stopped.returncode != 0
+    said = [line for line in stopped.stderr.splitlines() if line.startswith("prilora train: interrupted")]
+    assert said == [f"prilora train: interrupted after optimizer step 5, saved as {cut / 'checkpoint-5'}; checkpoints "
+                    f"stay in {cut}: rerun with --resume to continue"], rank_errors(stopped)
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", STATE_FILE} <= {p.name for p in (cut / "checkpoint-5").iterdir()}
+    assert not (cut / "results.json").exists()
     resumed = torchrun(*argv, "--output-dir", str(cut), "--resume")
     assert resumed.returncode == 0, rank_errors(resumed)
     rc = json.loads((cut / "results.json").read_text())
-    assert rc["resumed_from"] == "checkpoint-4" and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
+    assert rc["resumed_from"] == "checkpoint-5" and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
     a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

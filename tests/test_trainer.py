@@ -147,7 +147,7 @@ def test_save_on_interrupt_outside_a_step_and_when_disabled(ctrl_c):
             assert interrupt.requested
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    # Disabled (a process of a distributed run): Ctrl-C stops at once, as without it.
+    # Disabled: Ctrl-C stops at once, as without it.
     with pytest.raises(KeyboardInterrupt) as stopped:
         with SaveOnInterrupt(enabled=False) as interrupt:
             os.kill(os.getpid(), signal.SIGINT)

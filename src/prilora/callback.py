@@ -82,18 +82,24 @@ class SaveOnInterrupt(TrainerCallback):
     pruner's state goes with it when this callback comes after :class:`PriLoraCallback`), then raise
     ``KeyboardInterrupt``, so a resumed run loses no step instead of everything since the last save.
 
-    Use as a context manager around ``trainer.train()``; it handles the signals only inside it, only in
-    the main thread, and only for a single process (processes of a distributed run could see the signal
-    at different steps and would then disagree on the save). More signals while it saves are ignored:
-    a sweep and a terminal may both send one; SIGKILL still stops at once.
+    Use as a context manager around ``trainer.train()``; it handles the signals only inside it and only in
+    the main thread. More signals while it saves are ignored: a sweep and a terminal may both send one,
+    and torchrun passes its own on; SIGKILL still stops at once.
+
+    In a distributed run (torchrun, accelerate launch) the processes may see a signal at different steps,
+    or only one of them may get it, so after every optimizer step they agree whether any was signalled
+    (an all-reduce of one flag, on a CPU group: no GPU synchronisation), and all save the same step.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.requested = False
+        self.requested = False  # this process was signalled
+        self.stopped = False  # all processes agreed to stop: the checkpoint of this step is (being) saved
         self._old: dict = {}
+        self._group = None  # the process group the flag is all-reduced in (None: the default one)
+        self._distributed = False
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -106,7 +112,10 @@ class SaveOnInterrupt(TrainerCallback):
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
-        if self.requested and exc[0] is None:  # the signal came after the last step: stop all the same
+        # The signal came after the last step: stop all the same (every process returned from train(), so
+        # every process reaches this agreement; after an error some may not, so none is attempted then).
+        if exc[0] is None and self._agree():
+            self.stopped = True
             raise KeyboardInterrupt("after the last optimizer step")
 
     def _request(self, signum, frame) -> None:
@@ -114,13 +123,38 @@ class SaveOnInterrupt(TrainerCallback):
             self.requested = True
             print("stopping after this optimizer step, with a checkpoint to resume from", file=sys.stderr, flush=True)
 
+    def _agree(self) -> bool:
+        """Whether any process was signalled; in a distributed run every process must call this together."""
+        if not self._distributed:
+            return self.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if self.enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._distributed = True
+            # NCCL would need the flag on the GPU and a synchronisation every step; a gloo group keeps it on CPU.
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if not self.stopped and self._agree():
+            self.stopped = True
             control.should_save = True
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.stopped:
+            if self._distributed:  # no process leaves before every one has written its part of the checkpoint
+                import torch.distributed as dist
+
+                dist.barrier(group=self._group)
             raise KeyboardInterrupt(
                 f"after optimizer step {state.global_step}, saved as {checkpoint_folder(args, state)}")
         return control

@@ -24,9 +24,9 @@ from .architectures import ENCODER_MODEL_TYPES
 from .callback import PriLoraCallback, SaveOnInterrupt
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
-from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, launched_world_size, machine,
-                         micro_batch_size, missing_local_folder, precision_args, prepare_output_dir, versions,
-                         wait_for_main_process, write_json_atomic)
+from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, holding_output_dir,
+                         launched_world_size, machine, micro_batch_size, missing_local_folder, precision_args,
+                         prepare_output_dir, train_stoppably, versions, wait_for_main_process, write_json_atomic)
 
 HOLDOUT_SEED = 20240101
 
@@ -147,6 +147,7 @@ def loss_curve(log_history: list[dict]) -> list[list[float]]:
     return [[h["step"], h["loss"]] for h in log_history if "loss" in h and "step" in h]
 
 
+@holding_output_dir
 def run_clm(spec: ClmSpec, paths) -> dict:
     """Train, evaluate before and after, save the adapter and results.json; returns the results."""
     from datasets import Dataset
@@ -176,7 +177,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
-    interrupt = SaveOnInterrupt(enabled=launched_world_size() == 1)  # after the pruner's: its state is saved too
+    interrupt = SaveOnInterrupt()  # after the pruner's: its state is saved too
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[PriLoraCallback(pruner), interrupt])
@@ -188,8 +189,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
               + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     before = trainer.evaluate()["eval_loss"]
     start = time.time()
-    with interrupt:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+    output = train_stoppably(trainer, interrupt, resume_from)
     runtime = time.time() - start
     after = trainer.evaluate()["eval_loss"]
     replicas = pruner.check_replicas()

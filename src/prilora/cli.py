@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     from .export import AdapterError
     from .glue.data import GlueDataError
     from .glue.report import ReportError
-    from .run_folder import RunError
+    from .run_folder import RunError, is_main_process
 
     try:
         args = build_parser().parse_args(argv)
@@ -574,6 +574,8 @@ def main(argv=None) -> int:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        if not is_main_process():  # under torchrun, rank 0 speaks for all
+            return 130
         out = getattr(args, "output_dir", None)
         when = f" {e}" if str(e) else ""  # SaveOnInterrupt says after which step, and where it saved
         print(f"prilora {args.command}: interrupted{when}; checkpoints stay in {out}: rerun with --resume to continue",

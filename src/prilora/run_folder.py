@@ -7,7 +7,9 @@ and results are written atomically as strict JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -68,6 +70,19 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def train_stoppably(trainer, interrupt, resume_from: str | None):
+    """``trainer.train()`` inside ``interrupt``'s signal handlers (a :class:`SaveOnInterrupt` among the
+    trainer's callbacks). When the processes of a distributed run agreed to stop, each tears the process
+    group down before the ``KeyboardInterrupt`` goes on, as at the end of a run, so none aborts on exit."""
+    try:
+        with interrupt:
+            return trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        if interrupt.stopped:
+            finish_distributed()
+        raise
+
+
 def micro_batch_size(batch_size: int, accumulation: int) -> int:
     """Per-process micro-batch, so that processes x micro-batches x this = the recipe's batch."""
     world = launched_world_size()
@@ -119,6 +134,48 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     return False, get_last_checkpoint(out)
 
 
+@contextlib.contextmanager
+def hold_output_dir(out: str):
+    """Keep the output folder to this run while it runs (main process): a second run on the same folder (the
+    same command in another terminal; ``--resume``, or ``--overwrite`` that would delete a folder being
+    written) stops at once with a RunError. An ``flock`` on the folder itself: no lock file, and it ends with
+    the process, even a killed one. A folder made here for a run that fails before writing to it is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is None or not is_main_process() or os.path.isfile(out):  # a file: check_output_dir says so
+        yield
+        return
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"--output-dir {out} is in use by another prilora process that is training there: "
+                           "let it finish (or stop it), then run this again, or choose another --output-dir") from None
+        except OSError:  # a file system without flock (some network mounts): run unguarded, as before
+            pass
+        try:
+            yield
+        finally:
+            if created and not os.listdir(out):
+                os.rmdir(out)
+    finally:
+        os.close(fd)
+
+
+def holding_output_dir(run):
+    """``run(spec, paths)`` inside :func:`hold_output_dir` of ``paths.output_dir``."""
+    @functools.wraps(run)
+    def wrapper(spec, paths):
+        with hold_output_dir(paths.output_dir):
+            return run(spec, paths)
+    return wrapper
+
+
 def prepare_output_dir(paths, replace: bool, record: dict) -> bool:
     """On the main process: empty the folder if asked, create it and write run.json once. Returns whether
     this process is the main one (the only one that writes)."""
@@ -126,8 +183,12 @@ def prepare_output_dir(paths, replace: bool, record: dict) -> bool:
 
     if not is_main_process():
         return False
-    if replace:
-        shutil.rmtree(paths.output_dir)
+    if replace:  # its contents, not the folder: hold_output_dir's lock is on the folder
+        for entry in os.scandir(paths.output_dir):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
     os.makedirs(paths.output_dir, exist_ok=True)
     if not os.path.isfile(os.path.join(paths.output_dir, RUN_FILE)):
         write_json_atomic(os.path.join(paths.output_dir, RUN_FILE), record)

@@ -21,8 +21,8 @@ from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
 from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, finite_or_none,
-                          launched_world_size, machine, micro_batch_size, precision_args, prepare_output_dir, versions,
-                          wait_for_main_process, write_json_atomic)
+                          holding_output_dir, launched_world_size, machine, micro_batch_size, precision_args,
+                          prepare_output_dir, train_stoppably, versions, wait_for_main_process, write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics, majority_baseline
@@ -218,6 +218,7 @@ def collapse_reason(log_history: list[dict], train_loss: float, predictions: dic
     return None
 
 
+@holding_output_dir
 def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     """Train, evaluate on dev, save the adapter (or model) and results.json; returns the results."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
@@ -253,7 +254,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     )
     collator = DataCollatorWithPadding(tokenizer)
     world = launched_world_size()
-    interrupt = SaveOnInterrupt(enabled=world == 1)  # last: the pruner's state is in the checkpoint it asks for
+    interrupt = SaveOnInterrupt()  # last: the pruner's state is in the checkpoint it asks for
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
         data_collator=collator, callbacks=callbacks + [interrupt],
@@ -272,8 +273,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
               f"{recipe.max_seq_length}, {spec.precision}; {len(train_split)} training examples, evaluated on "
               f"{evaluated}" + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     start = time.time()
-    with interrupt:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+    output = train_stoppably(trainer, interrupt, resume_from)
     runtime = time.time() - start
 
     predictions, metrics, baseline = {}, {}, {}
