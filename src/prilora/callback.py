@@ -99,6 +99,7 @@ class SaveOnInterrupt(TrainerCallback):
         self.stopped = False  # all processes agreed to stop: the checkpoint of this step is (being) saved
         self._old: dict = {}
         self._group = None  # the process group the flag is all-reduced in (None: the default one)
+        self._device = "cpu"  # where the flag lives for that group
         self._distributed = False
 
     def __enter__(self):
@@ -130,7 +131,7 @@ class SaveOnInterrupt(TrainerCallback):
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([int(self.requested)])
+        flag = torch.tensor([int(self.requested)], device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
@@ -139,8 +140,13 @@ class SaveOnInterrupt(TrainerCallback):
 
         if self.enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._distributed = True
-            # NCCL would need the flag on the GPU and a synchronisation every step; a gloo group keeps it on CPU.
-            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            if dist.get_backend() != "gloo":
+                # NCCL would need the flag on the GPU and a synchronisation every step; a gloo group keeps it on
+                # CPU. Where gloo cannot connect, the default group it is, at that cost.
+                try:
+                    self._group = dist.new_group(backend="gloo")
+                except RuntimeError:
+                    self._device = args.device
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
