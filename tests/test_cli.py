@@ -248,6 +248,10 @@ def test_output_folder_rules(tmp, glue_dir, capsys):
     assert error_of(capsys, train(tmp, glue_dir, "--overwrite", out="notarun")).endswith(
         "is not empty and holds no prilora run (run.json): choose a new or empty folder")
     assert (other / "keep.txt").read_text() == "mine"
+    # A run that fails before writing leaves no folder behind, nor the parents made for it.
+    assert error_of(capsys, train(tmp, glue_dir, "--gradient-accumulation", "3", out="made/for/it")).endswith(
+        "pass --batch-size divisible by 3")
+    assert not (tmp["root"] / "made").exists()
 
 
 HOLD = """

@@ -139,7 +139,7 @@ def hold_output_dir(out: str):
     """Keep the output folder to this run while it runs (main process): a second run on the same folder (the
     same command in another terminal; ``--resume``, or ``--overwrite`` that would delete a folder being
     written) stops at once with a RunError. An ``flock`` on the folder itself: no lock file, and it ends with
-    the process, even a killed one. A folder made here for a run that fails before writing to it is removed."""
+    the process, even a killed one. Folders made here for a run that fails before writing to them are removed."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -147,7 +147,10 @@ def hold_output_dir(out: str):
     if fcntl is None or not is_main_process() or os.path.isfile(out):  # a file: check_output_dir says so
         yield
         return
-    created = not os.path.exists(out)
+    created, folder = [], os.path.abspath(out)  # the folders made here, the run's own first
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(out, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -161,8 +164,10 @@ def hold_output_dir(out: str):
         try:
             yield
         finally:
-            if created and not os.listdir(out):
-                os.rmdir(out)
+            for folder in created:
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)
     finally:
         os.close(fd)
 
