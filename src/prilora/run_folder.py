@@ -2,7 +2,7 @@
 
 Shared by ``prilora train`` (GLUE) and ``prilora train-clm``: a finished run is never touched
 without ``--overwrite``, a resume must ask for exactly the settings the run was started with,
-and results are written atomically as strict JSON.
+one process at a time trains in a folder, and results are written atomically as strict JSON.
 """
 
 from __future__ import annotations
