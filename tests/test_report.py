@@ -135,6 +135,23 @@ def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_pat
             in text)
     assert (f"| mrpc | {b - a:+.2f} | {d - c:+.2f} | {c - a:+.2f} | {d - b:+.2f} | {d - a:+.2f} | "
             f"{(b - a) + (c - a):+.2f} | {(d - c) - (b - a):+.2f} ± {se:.2f} |") in text
+    assert "averaged over the" not in text  # one task: nothing to average
+    # The same square on a second task: every effect's average is the task's, tested with t x sqrt(2) and the
+    # degrees of freedom doubled (each task's variance over 2 squared, twice).
+    from scipy.stats import t as student_t, ttest_ind
+
+    rows += [dict(row, task="cola") for row in rows]
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "The same effects averaged over the 2 tasks with all four cells" in text
+    alone = ttest_ind([100 * x for x in got["linear-unpruned"]], [100 * x for x in got["lora"]], equal_var=False)
+    t, df = alone.statistic * 2 ** 0.5, alone.df * 2
+    assert f"| linear-unpruned − lora | {b - a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} |" in text
+    parts = [statistics.variance([100 * x for x in xs]) / len(xs) for xs in got.values()]  # one task's, per cell
+    t1 = (d - c - b + a) / sum(parts) ** 0.5
+    df1 = sum(parts) ** 2 / sum(v ** 2 / (len(xs) - 1) for v, xs in zip(parts, got.values()))
+    t, df = t1 * 2 ** 0.5, df1 * 2
+    assert f"| interaction | {d - c - b + a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} |" in text
     # A table whose rows do not cross two rank patterns with two pruning settings gets no such section.
     rows += [line("mrpc", "full", s, 0.8, method="full", ranks=None) for s in range(2)]
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0

@@ -330,6 +330,7 @@ def factorial_table(lines: list[dict]) -> list[str]:
            f"{d} − {c} − {b} + {a}, ± its standard error over seeds (near 0: the two add up).", "",
            f"| task | {b} − {a} | {d} − {c} | {c} − {a} | {d} − {b} | {d} − {a} | sum of the two alone | "
            "interaction ± s.e. |", "|---|---|---|---|---|---|---|---|"]
+    squares = {}  # task -> variant -> scores, for the tasks with all four cells
     for task in _tasks(lines):
         got = {v: scores([x for x in lines if x["task"] == task and group_key(x)[1] == v]) for v in (a, b, c, d)}
         if not all(got.values()):
@@ -340,7 +341,23 @@ def factorial_table(lines: list[dict]) -> list[str]:
               if all(len(x) > 1 for x in got.values()) else "")
         out.append(f"| {task} | {m[b] - m[a]:+.2f} | {m[d] - m[c]:+.2f} | {m[c] - m[a]:+.2f} | {m[d] - m[b]:+.2f} | "
                    f"{m[d] - m[a]:+.2f} | {m[b] + m[c] - 2 * m[a]:+.2f} | {inter:+.2f}{se} |")
-    return out if len(out) > 4 else []
+        squares[task] = got
+    if len(squares) < 2:
+        return out if len(out) > 4 else []
+    k = len(squares)
+    out += ["", f"The same effects averaged over the {k} tasks with all four cells, each tested like the "
+            "average rows of the next table (the tasks' variances added; Welch-Satterthwaite degrees of freedom):", "",
+            "| effect | average of tasks | t | df | p (two-sided) |", "|---|---|---|---|---|"]
+    for name, sign in ((f"{b} − {a}", {b: 1, a: -1}), (f"{d} − {c}", {d: 1, c: -1}), (f"{c} − {a}", {c: 1, a: -1}),
+                       (f"{d} − {b}", {d: 1, b: -1}), (f"{d} − {a}", {d: 1, a: -1}),
+                       ("interaction", {d: 1, c: -1, b: -1, a: 1})):
+        effect = statistics.fmean(sum(w * statistics.fmean(got[v]) for v, w in sign.items()) for got in squares.values())
+        test = (_t_test(effect, [(statistics.variance(got[v]) / len(got[v]) / k ** 2, len(got[v]))
+                                 for got in squares.values() for v in sign])
+                if all(len(got[v]) > 1 for got in squares.values() for v in sign) else None)
+        stats = f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -"
+        out.append(f"| {name} | {effect:+.2f} | {stats} |")
+    return out
 
 
 def _value(v) -> str:
