@@ -157,7 +157,9 @@ def test_train_clm_ctrl_c_saves_the_step_and_resumes_from_it(tiny_llama_dir, tmp
     out = tmp_path / "clm"
     assert f"interrupted after optimizer step 3, saved as {out / 'checkpoint-3'}" in capsys.readouterr().err
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"] and not (out / "results.json").exists()
+    before = json.loads((out / "checkpoint-3" / "prilora_runtime.json").read_text())["train_runtime_s"]
     monkeypatch.undo()
     assert clm(tmp_path, tiny_llama_dir, "--resume") == 0
     r = json.loads((out / "results.json").read_text())
     assert r["resumed_from"] == "checkpoint-3" and r["a_sparsity"] == 0.5
+    assert 0 < before < r["train_runtime_s"]  # the time before the stop is counted in

@@ -138,29 +138,44 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_resume_gives_the_uninterrupted_ad
                                                                                         capsys, ctrl_c):
     import os
     import signal
+    from types import SimpleNamespace
 
+    import prilora.callback
     from prilora.pruning import PriLoraPruner
 
-    extra = ["--prune-interval", "2", "--epochs", "2"]  # 12 optimizer steps; checkpoints only at epoch ends
-    assert train(tmp, glue_dir, *extra, out="full") == 0
-    real = PriLoraPruner.step
+    # A clock that reads 10 s per optimizer step trained, so every run's train_runtime_s is known exactly.
+    steps, stop_at = {"n": 0}, {"step": None}
+    real_step, real_load = PriLoraPruner.step, PriLoraPruner.load
 
     def step(self):
-        real(self)
-        if self.global_step == 5:  # mid-epoch; a sweep and its terminal may both send one
+        real_step(self)
+        steps["n"] = self.global_step
+        if self.global_step == stop_at["step"]:  # mid-epoch; a sweep and its terminal may both send one
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
+    def load(self, folder):
+        real_load(self, folder)
+        steps["n"] = self.global_step
+
     monkeypatch.setattr(PriLoraPruner, "step", step)
+    monkeypatch.setattr(PriLoraPruner, "load", load)
+    monkeypatch.setattr(prilora.callback, "time", SimpleNamespace(time=lambda: 10.0 * steps["n"]))
+    extra = ["--prune-interval", "2", "--epochs", "2"]  # 12 optimizer steps; checkpoints only at epoch ends
+    assert train(tmp, glue_dir, *extra, out="full") == 0
+    steps["n"], stop_at["step"] = 0, 5
     cut = tmp["root"] / "cut"
     assert train(tmp, glue_dir, *extra, out="cut") == 130
     assert f"prilora train: interrupted after optimizer step 5, saved as {cut / 'checkpoint-5'}; checkpoints stay " \
            f"in {cut}: rerun with --resume to continue" in capsys.readouterr().err
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-5"] and not (cut / "results.json").exists()
+    assert json.loads((cut / "checkpoint-5" / "prilora_runtime.json").read_text()) == {"train_runtime_s": 50.0}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
-    monkeypatch.undo()
+    stop_at["step"] = None
     assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
     assert_resumed_as_uninterrupted(tmp, "checkpoint-5")
+    # Both parts of the resumed run counted: 5 steps before the stop, 7 after, as the uninterrupted run's 12.
+    assert results(tmp, "cut")["train_runtime_s"] == results(tmp, "full")["train_runtime_s"] == 120.0
 
 
 def error_of(capsys, code):

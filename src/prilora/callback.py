@@ -3,15 +3,19 @@ turns Ctrl-C into a checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
+import time
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .pruning import STATE_FILE, PriLoraPruner
+
+RUNTIME_FILE = "prilora_runtime.json"
 
 
 def checkpoint_folder(args, state) -> str:
@@ -74,6 +78,36 @@ class PriLoraCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.pruner.finalize()
+        return control
+
+
+class TrainingClock(TrainerCallback):
+    """Training time over every part of a resumed run. Each checkpoint records the time trained up to it
+    (``prilora_runtime.json``), and a run resumed from that checkpoint counts on from there, so a run that
+    was stopped and resumed reports its whole training time, not its last part's. A checkpoint from before
+    this record counts as 0 s."""
+
+    def __init__(self, resume_from: str | None = None):
+        self.before = 0.0
+        path = os.path.join(resume_from, RUNTIME_FILE) if resume_from else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                self.before = float(json.load(f)["train_runtime_s"])
+        self._start = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds trained so far, earlier parts included."""
+        return self.before + time.time() - self._start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.time()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = checkpoint_folder(args, state)
+        if state.is_world_process_zero and os.path.isdir(folder):
+            with open(os.path.join(folder, RUNTIME_FILE), "w") as f:
+                json.dump({"train_runtime_s": round(self.elapsed(), 2)}, f)
         return control
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .architectures import ENCODER_MODEL_TYPES
-from .callback import PriLoraCallback, SaveOnInterrupt
+from .callback import PriLoraCallback, SaveOnInterrupt, TrainingClock
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
 from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, holding_output_dir,
@@ -177,10 +177,10 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
-    interrupt = SaveOnInterrupt()  # after the pruner's: its state is saved too
+    clock, interrupt = TrainingClock(resume_from), SaveOnInterrupt()  # last: its checkpoint holds the others' files
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=[PriLoraCallback(pruner), interrupt])
+                      callbacks=[PriLoraCallback(pruner), clock, interrupt])
     wait_for_main_process()  # the output folder exists before any process trains
     if main:
         print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "
@@ -188,9 +188,8 @@ def run_clm(spec: ClmSpec, paths) -> dict:
               f"{spec.epochs:g} epochs, batch {spec.batch_size}, {spec.precision}"
               + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     before = trainer.evaluate()["eval_loss"]
-    start = time.time()
     output = train_stoppably(trainer, interrupt, resume_from)
-    runtime = time.time() - start
+    runtime = clock.elapsed()  # earlier parts of a resumed run included
     after = trainer.evaluate()["eval_loss"]
     replicas = pruner.check_replicas()
     if not main:

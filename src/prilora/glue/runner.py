@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..callback import PriLoraCallback, SaveOnInterrupt
+from ..callback import PriLoraCallback, SaveOnInterrupt, TrainingClock
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
@@ -254,10 +254,10 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     )
     collator = DataCollatorWithPadding(tokenizer)
     world = launched_world_size()
-    interrupt = SaveOnInterrupt()  # last: the pruner's state is in the checkpoint it asks for
+    clock, interrupt = TrainingClock(resume_from), SaveOnInterrupt()  # last: its checkpoint holds the others' files
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
-        data_collator=collator, callbacks=callbacks + [interrupt],
+        data_collator=collator, callbacks=callbacks + [clock, interrupt],
     )
     # The classifiers accept num_items_in_batch but ignore it (their loss is a per-batch mean): without this,
     # Trainer would skip dividing by the micro-batches and scale gradients by --gradient-accumulation.
@@ -272,9 +272,8 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
               f"{spec.recipe_name}: lr {lr:g}, {recipe.epochs:g} epochs, batch {recipe.batch_size}{layout}, max length "
               f"{recipe.max_seq_length}, {spec.precision}; {len(train_split)} training examples, evaluated on "
               f"{evaluated}" + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
-    start = time.time()
     output = train_stoppably(trainer, interrupt, resume_from)
-    runtime = time.time() - start
+    runtime = clock.elapsed()  # earlier parts of a resumed run included
 
     predictions, metrics, baseline = {}, {}, {}
     for i, (split, data) in enumerate(eval_splits.items()):
