@@ -251,17 +251,18 @@ def test_runs_end_with_the_process_group_torn_down(tmp_path):
     assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == [f"{rounds} False"] * 2
 
 
-SIGNAL_RANK_1 = """
+SIGNAL_AT_STEP_5 = """
 import os, signal, sys
 from prilora.cli import main
 from prilora.pruning import PriLoraPruner
 
 real = PriLoraPruner.step
+WHO = sys.argv.pop(1)  # "rank-1": rank 1 signals itself; "launcher": rank 1 signals torchrun, which passes it on
 
 def step(self):
     real(self)
     if self.global_step == 5 and os.environ["RANK"] == "1":
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid() if WHO == "rank-1" else os.getppid(), signal.SIGTERM)
 
 PriLoraPruner.step = step
 sys.exit(main(sys.argv[1:]))
@@ -281,10 +282,10 @@ def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_p
     assert len([line for line in done.stdout.splitlines() if line.startswith('{"task"')]) == 1  # rank 0 alone
     # SIGTERM to rank 1 alone, mid-epoch (a scheduler preempting one node; torchrun passing Ctrl-C on to
     # processes at different steps): both processes agree to stop, save step 5 and exit; rank 0 says so.
-    script = tmp_path / "signal_rank_1.py"
-    script.write_text(SIGNAL_RANK_1)
+    script = tmp_path / "signal_at_step_5.py"
+    script.write_text(SIGNAL_AT_STEP_5)
     cut = tmp_path / "cut"
-    stopped = torchrun(*argv, "--output-dir", str(cut), script=script)
+    stopped = torchrun("rank-1", *argv, "--output-dir", str(cut), script=script)
     assert stopped.returncode != 0
     said = [line for line in stopped.stderr.splitlines() if line.startswith("prilora train: interrupted")]
     assert said == [f"prilora train: interrupted after optimizer step 5, saved as {cut / 'checkpoint-5'}; checkpoints "
@@ -298,6 +299,25 @@ def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_p
     assert rc["resumed_from"] == "checkpoint-5" and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
     a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_to_torchrun_stops_every_process_at_one_checkpoint(tiny_model_dir, glue_dir, tmp_path):
+    # Ctrl-C or a scheduler's SIGTERM to the launcher: torchrun passes it on to the processes, which agree
+    # on a step (the one they reach together, 5 or a little later) and save it before torchrun's 30 s are up.
+    script = tmp_path / "signal_at_step_5.py"
+    script.write_text(SIGNAL_AT_STEP_5)
+    out = tmp_path / "run"
+    stopped = torchrun("launcher", "train", "--task", "rte", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+                       "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "8", "--epochs", "2",
+                       "--quiet", "--output-dir", str(out), script=script)
+    assert stopped.returncode != 0
+    saved = [p.name for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and 5 <= int(saved[0].split("-")[1]) < 16, rank_errors(stopped)
+    said = [line for line in stopped.stderr.splitlines() if line.startswith("prilora train: interrupted")]
+    assert said == [f"prilora train: interrupted after optimizer step {saved[0].split('-')[1]}, saved as "
+                    f"{out / saved[0]}; checkpoints stay in {out}: rerun with --resume to continue"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", STATE_FILE} <= {p.name for p in (out / saved[0]).iterdir()}
+    assert not (out / "results.json").exists()
 
 
 def test_other_processes_leave_the_folder_checks_to_rank_0(tmp_path, monkeypatch):
