@@ -147,6 +147,8 @@ def test_save_on_interrupt_outside_a_step_and_when_disabled(ctrl_c):
             assert interrupt.requested
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with interrupt:  # the same callback around a new train() call: the earlier stop is over
+        assert not interrupt.requested and not interrupt.stopped
     # Disabled: Ctrl-C stops at once, as without it.
     with pytest.raises(KeyboardInterrupt) as stopped:
         with SaveOnInterrupt(enabled=False) as interrupt:

@@ -137,6 +137,7 @@ class SaveOnInterrupt(TrainerCallback):
         self._distributed = False
 
     def __enter__(self):
+        self.requested = self.stopped = False  # a new train() call: an earlier stop is over
         if self.enabled and threading.current_thread() is threading.main_thread():
             # A signal the process ignores stays ignored (a shell starts background jobs ignoring SIGINT).
             self._old = {s: signal.signal(s, self._request) for s in self.SIGNALS
