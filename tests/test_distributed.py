@@ -197,15 +197,18 @@ def _finish_worker(rank, world, ports, out):
             f.write(f"{i + 1} {dist.is_initialized()}")
 
 
-def _interrupt_worker(rank, world, port, out):
+def _interrupt_worker(rank, world, port, out, as_if_nccl):
     from transformers import TrainerControl
 
     from prilora import SaveOnInterrupt
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if as_if_nccl:  # the flag then goes through a gloo group of its own, made here for real
+        dist.get_backend = lambda group=None: "nccl"
     args, seen = SimpleNamespace(output_dir="run"), []
     during = SaveOnInterrupt()
     during.on_train_begin(args, SimpleNamespace(), TrainerControl())
+    seen.append(during._group is not None)
     for step in range(1, 5):
         during.requested |= rank == 1 and step == 2  # a signal to rank 1 alone, during step 2
         control = during.on_step_end(args, SimpleNamespace(global_step=step), TrainerControl())
@@ -228,11 +231,12 @@ def _interrupt_worker(rank, world, port, out):
     finish_distributed()
 
 
-def test_processes_agree_on_the_step_an_interrupt_stops_at(tmp_path):
-    mp.spawn(_interrupt_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("as_if_nccl", [False, True])
+def test_processes_agree_on_the_step_an_interrupt_stops_at(tmp_path, as_if_nccl):
+    mp.spawn(_interrupt_worker, args=(2, free_port(), str(tmp_path), as_if_nccl), nprocs=2, join=True)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == [
-            False, True, f"after optimizer step 2, saved as {os.path.join('run', 'checkpoint-2')}",
+            as_if_nccl, False, True, f"after optimizer step 2, saved as {os.path.join('run', 'checkpoint-2')}",
             "after the last optimizer step"]
 
 
