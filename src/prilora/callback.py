@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .pruning import STATE_FILE, PriLoraPruner
+from .run_folder import write_json_atomic
 
 RUNTIME_FILE = "prilora_runtime.json"
 
@@ -106,8 +107,7 @@ class TrainingClock(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_folder(args, state)
         if state.is_world_process_zero and os.path.isdir(folder):
-            with open(os.path.join(folder, RUNTIME_FILE), "w") as f:
-                json.dump({"train_runtime_s": round(self.elapsed(), 2)}, f)
+            write_json_atomic(os.path.join(folder, RUNTIME_FILE), {"train_runtime_s": round(self.elapsed(), 2)})
         return control
 
 
