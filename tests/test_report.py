@@ -269,7 +269,7 @@ def test_committed_results_doc_is_what_its_command_makes_from_the_committed_resu
 def test_regrowth_is_counted_from_the_pruning_histories_once_per_run(tmp_path):
     regrew = [[10, 0.0, 0.5], [20, 0.0, 0.5], [30, 0.0, 0.5]]
     rows = [line("mrpc", "prilora", s, 0.8, pruning_history=regrew) for s in range(2)]
-    rows += [line("cola", "prilora", 0, 0.3, pruning_history=[[10, 0.0, 0.5], [20, 0.02, 0.5], [30, 0.007, 0.5]])]
+    rows += [line("cola", "prilora", 0, 0.3, pruning_history=[[10, 0.0, 0.5], [20, 6e-06, 0.5], [30, 2e-06, 0.5]])]
     rows += [line("stsb", "prilora", 0, 0.8, pruning_history=[[10, 0.3, 0.5]])]  # one event: nothing to compare
     for i, row in enumerate(rows):
         row["finished_at"] = f"2026-01-01T00:00:0{i}"
@@ -279,7 +279,7 @@ def test_regrowth_is_counted_from_the_pruning_histories_once_per_run(tmp_path):
     assert main(["report", str(write(tmp_path / "r.jsonl", rows + [copy])), "--out", str(out)]) == 0
     assert ("Zeros left of one pruning event just before the next: none in 2 of the 3 runs with two or more "
             "events (every pruned weight had moved off zero: pruning zeroes without freezing); in the other 1, "
-            "at most 0.0200 of the pruned matrix.") in out.read_text()
+            "at most 0.0006% of the pruned weights.") in out.read_text()
 
 
 def test_a_pattern_the_shell_left_unexpanded_is_matched_here_or_left_out(tmp_path, capsys):

@@ -530,7 +530,8 @@ def regrowth(runs: list[dict]) -> str | None:
     text = (f"Zeros left of one pruning event just before the next: none in {none_left} of the {len(left)} runs "
             "with two or more events (every pruned weight had moved off zero: pruning zeroes without freezing)")
     if none_left < len(left):
-        text += f"; in the other {len(left) - none_left}, at most {max(left):.4f} of the pruned matrix"
+        # two significant digits: one weight of a few hundred thousand must not print as 0.0000
+        text += f"; in the other {len(left) - none_left}, at most {100 * max(left):.2g}% of the pruned weights"
     return text + "."
 
 
