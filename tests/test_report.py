@@ -52,8 +52,9 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     from scipy.stats import ttest_ind
 
     test = ttest_ind(p, [81.0, 77.0], equal_var=False)
+    low, high = test.confidence_interval(0.95)
     assert (f"| mrpc | lora | {statistics.fmean(p) - 79.0:+.2f} | {test.statistic:.2f} | {test.df:.1f} | "
-            f"{test.pvalue:.3f} | 3 vs 2 |") in text
+            f"{test.pvalue:.3f} | ±{(high - low) / 2:.2f} | 3 vs 2 |") in text
     assert "| cola | lora |" not in text
     for png in ("scores-study---dev.png", "grid-study---lr.png", "ranks.png", "sparsity.png"):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG", png
@@ -82,10 +83,13 @@ def test_the_average_over_tasks_is_tested_with_every_task_s_seeds(tmp_path):
     text = out.read_text()
     one = ttest_ind([x * 100 for x in p], [x * 100 for x in q], equal_var=False)
     t, df = one.statistic * 2 ** 0.5, one.df * 2
+    low, high = one.confidence_interval(0.95)
     assert (f"| mrpc | lora | {statistics.fmean(p) * 100 - statistics.fmean(q) * 100:+.2f} | {one.statistic:.2f} | "
-            f"{one.df:.1f} | {one.pvalue:.3f} | 3 vs 2 |") in text
+            f"{one.df:.1f} | {one.pvalue:.3f} | ±{(high - low) / 2:.2f} | 3 vs 2 |") in text
+    # The average's standard error is the task's over sqrt(2): its interval, at twice the df.
+    half = student_t.ppf(0.975, df) * (high - low) / 2 / student_t.ppf(0.975, one.df) / 2 ** 0.5
     assert (f"| average of 2 | lora | {statistics.fmean(p) * 100 - statistics.fmean(q) * 100:+.2f} | {t:.2f} | {df:.1f} | "
-            f"{2 * student_t.sf(abs(t), df):.3f} | 3 + 3 vs 2 + 2 |") in text
+            f"{2 * student_t.sf(abs(t), df):.3f} | ±{half:.2f} | 3 + 3 vs 2 + 2 |") in text
     assert "| average of 2 | adalora |" not in text and "| mrpc | adalora |" in text
 
 
@@ -146,12 +150,16 @@ def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_pat
     assert "The same effects averaged over the 2 tasks with all four cells" in text
     alone = ttest_ind([100 * x for x in got["linear-unpruned"]], [100 * x for x in got["lora"]], equal_var=False)
     t, df = alone.statistic * 2 ** 0.5, alone.df * 2
-    assert f"| linear-unpruned − lora | {b - a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} |" in text
+    low, high = alone.confidence_interval(0.95)
+    half = student_t.ppf(0.975, df) * (high - low) / 2 / student_t.ppf(0.975, alone.df) / 2 ** 0.5
+    assert (f"| linear-unpruned − lora | {b - a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} | "
+            f"±{half:.2f} |") in text
     parts = [statistics.variance([100 * x for x in xs]) / len(xs) for xs in got.values()]  # one task's, per cell
     t1 = (d - c - b + a) / sum(parts) ** 0.5
     df1 = sum(parts) ** 2 / sum(v ** 2 / (len(xs) - 1) for v, xs in zip(parts, got.values()))
     t, df = t1 * 2 ** 0.5, df1 * 2
-    assert f"| interaction | {d - c - b + a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} |" in text
+    assert (f"| interaction | {d - c - b + a:+.2f} | {t:.2f} | {df:.1f} | {2 * student_t.sf(abs(t), df):.3f} | "
+            f"±{student_t.ppf(0.975, df) * sum(parts) ** 0.5 / 2 ** 0.5:.2f} |") in text
     # A table whose rows do not cross two rank patterns with two pruning settings gets no such section.
     rows += [line("mrpc", "full", s, 0.8, method="full", ranks=None) for s in range(2)]
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0

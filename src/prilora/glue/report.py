@@ -226,9 +226,11 @@ def metrics_table(lines: list[dict]) -> list[str]:
     return out
 
 
-def _t_test(difference: float, parts: list[tuple[float, int]]) -> tuple[float, float, float] | None:
-    """t, Welch-Satterthwaite degrees of freedom and two-sided p of a difference of independent means,
-    given each mean's (variance of the mean, runs); None when there is no spread at all."""
+def _t_test(difference: float, parts: list[tuple[float, int]]) -> tuple[float, float, float, float] | None:
+    """t, Welch-Satterthwaite degrees of freedom, two-sided p and the half-width of the 95% confidence
+    interval of a difference of independent means, given each mean's (variance of the mean, runs); None
+    when there is no spread at all. The interval says how large a gap the seeds leave possible either way,
+    which a p-value alone does not."""
     from scipy.stats import t as student_t
 
     se2 = sum(v for v, _ in parts)
@@ -236,11 +238,17 @@ def _t_test(difference: float, parts: list[tuple[float, int]]) -> tuple[float, f
         return None
     t = difference / se2 ** 0.5
     df = se2 ** 2 / sum(v ** 2 / (n - 1) for v, n in parts)
-    return t, df, 2 * student_t.sf(abs(t), df)
+    return t, df, 2 * student_t.sf(abs(t), df), student_t.ppf(0.975, df) * se2 ** 0.5
 
 
-def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
-    """Welch's t, its degrees of freedom (Welch-Satterthwaite) and the two-sided p; None when either side
+def _test_cells(test: tuple | None) -> str:
+    """t | df | p | 95% interval, as the comparison tables show them."""
+    return f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f} | ±{test[3]:.2f}" if test else "- | - | - | -"
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float] | None:
+    """Welch's t, its degrees of freedom (Welch-Satterthwaite), the two-sided p and the 95% interval's
+    half-width; None when either side
     has fewer than two runs or both have no spread."""
     if len(a) < 2 or len(b) < 2:
         return None
@@ -248,7 +256,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
                    [(statistics.variance(x) / len(x), len(x)) for x in (a, b)])
 
 
-def average_test(pairs: list[tuple[list[float], list[float]]]) -> tuple[float, float, float] | None:
+def average_test(pairs: list[tuple[list[float], list[float]]]) -> tuple[float, float, float, float] | None:
     """The same test for the average over tasks (the paper's headline number): the difference of the two
     rows' averages of task means, whose variance is the sum of the tasks' (seeds of different tasks are
     independent runs) over the number of tasks squared; Welch-Satterthwaite degrees of freedom over all.
@@ -270,12 +278,12 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
     variants = list(dict.fromkeys(group_key(line)[1] for line in lines))
     if reference not in variants:
         return []
-    out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | seeds |", "|---|---|---|---|---|---|---|"]
+    out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | 95% interval | seeds |",
+           "|---|---|---|---|---|---|---|---|"]
 
     def row(task, variant, difference, test, seeds, stale_lines):
-        stats = (f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -")
         mark = " †" if any(id(x) in stale for x in stale_lines) else ""
-        out.append(f"| {task} | {variant}{mark} | {difference:+.2f} | {stats} | {seeds} |")
+        out.append(f"| {task} | {variant}{mark} | {difference:+.2f} | {_test_cells(test)} | {seeds} |")
 
     tasks = _tasks(lines)
     for task in tasks:
@@ -347,7 +355,7 @@ def factorial_table(lines: list[dict]) -> list[str]:
     k = len(squares)
     out += ["", f"The same effects averaged over the {k} tasks with all four cells, each tested like the "
             "average rows of the next table (the tasks' variances added; Welch-Satterthwaite degrees of freedom):", "",
-            "| effect | average of tasks | t | df | p (two-sided) |", "|---|---|---|---|---|"]
+            "| effect | average of tasks | t | df | p (two-sided) | 95% interval |", "|---|---|---|---|---|---|"]
     for name, sign in ((f"{b} − {a}", {b: 1, a: -1}), (f"{d} − {c}", {d: 1, c: -1}), (f"{c} − {a}", {c: 1, a: -1}),
                        (f"{d} − {b}", {d: 1, b: -1}), (f"{d} − {a}", {d: 1, a: -1}),
                        ("interaction", {d: 1, c: -1, b: -1, a: 1})):
@@ -355,8 +363,7 @@ def factorial_table(lines: list[dict]) -> list[str]:
         test = (_t_test(effect, [(statistics.variance(got[v]) / len(got[v]) / k ** 2, len(got[v]))
                                  for got in squares.values() for v in sign])
                 if all(len(got[v]) > 1 for got in squares.values() for v in sign) else None)
-        stats = f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f}" if test else "- | - | -"
-        out.append(f"| {name} | {effect:+.2f} | {stats} |")
+        out.append(f"| {name} | {effect:+.2f} | {_test_cells(test)} |")
     return out
 
 
@@ -685,7 +692,9 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             compared = comparison_table(tlines, reference, stale)
             if compared:
                 md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
-                       "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps)."
+                       "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps), with the"
+                       " 95% confidence interval of the difference (the difference ± this: gaps of that size either"
+                       " way are not ruled out)."
                        " The average row tests the average over tasks: each task's mean difference averaged,"
                        " their variances added (seeds of different tasks are independent runs); it is shown for a row"
                        " with runs on every task. Not corrected for the number of comparisons.", ""] + compared
