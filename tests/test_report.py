@@ -166,6 +166,44 @@ def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_pat
     assert "Schedule x pruning" not in out.read_text()
 
 
+def test_score_plot_shows_every_seed_per_task_on_the_task_s_own_scale():
+    """Bars from 0 would flatten CoLA's 22 against MRPC's 80: each task gets its own panel and scale, every seed
+    is a dot, the mean ± std a point with an error bar, a collapsed run a cross on the panel's floor."""
+    import matplotlib.pyplot as plt
+
+    from prilora.glue.report import result_table, scores_figure
+
+    from matplotlib.collections import PathCollection
+
+    rows = [line("mrpc", "prilora", s, v) for s, v in enumerate([0.80, 0.78, 0.79])]
+    rows += [line("mrpc", "lora", s, v) for s, v in enumerate([0.81, 0.77])] + [line("mrpc", "lora", 2, 0.68, collapsed=True)]
+    rows += [line("cola", "prilora", s, v) for s, v in enumerate([0.22, 0.25, 0.20])]
+    rows += [line("cola", "lora", s, v) for s, v in enumerate([0.24, 0.21, 0.23])]
+    _, cells = result_table(rows)
+    fig = scores_figure(cells, ["cola", "mrpc"], "study / dev")
+    try:
+        cola, mrpc = fig.axes
+        assert (cola.get_title(), mrpc.get_title()) == ("cola", "mrpc")
+        for ax, seeds in ((cola, {0: [22, 25, 20], 1: [24, 21, 23]}), (mrpc, {0: [80, 78, 79], 1: [81, 77]})):
+            dots = sorted((round(float(x), 2), round(float(y), 6)) for c in ax.collections
+                          if isinstance(c, PathCollection) for x, y in c.get_offsets())
+            expected = [(i - 0.12, float(y)) for i, ys in seeds.items() for y in ys]
+            if ax is mrpc:
+                expected.append((1.0, 76.0))  # the collapsed run: a cross 1 below the lowest seed
+            assert dots == sorted(expected)
+            means = sorted((round(float(ln.get_xdata()[0]), 2), round(float(ln.get_ydata()[0]), 6))
+                           for ln in ax.lines if ln.get_marker() == "o")
+            assert means == [(i + 0.12, round(statistics.fmean(ys), 6)) for i, ys in seeds.items()]
+            caps = sorted(round(float(y), 6) for ln in ax.lines if ln.get_marker() == "_" for y in ln.get_ydata())
+            assert caps == sorted(round(statistics.fmean(ys) + sign * statistics.stdev(ys), 6)
+                                  for ys in seeds.values() for sign in (-1, 1))
+            low, high = ax.get_ylim()  # the task's own scale, not from 0
+            assert min(min(v) for v in seeds.values()) - 6 < low and high < max(max(v) for v in seeds.values()) + 6
+        assert "collapsed runs: red crosses" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
 def test_plots_draw_one_curve_per_pattern_named_by_the_variants_sharing_it():
     from prilora.glue.report import _pruned, curves
 

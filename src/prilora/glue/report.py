@@ -90,7 +90,8 @@ def cell(lines: list[dict]) -> dict:
     ok = scores(lines)
     collapsed = len(lines) - len(ok)
     return {"mean": statistics.fmean(ok) if ok else None, "std": statistics.stdev(ok) if len(ok) > 1 else None,
-            "n": len(ok), "collapsed": collapsed, "seeds": sorted({line.get("seed") for line in lines})}
+            "n": len(ok), "collapsed": collapsed, "seeds": sorted({line.get("seed") for line in lines}),
+            "values": ok}
 
 
 def fmt_cell(c: dict) -> str:
@@ -405,25 +406,44 @@ def selection_table(lines: list[dict]) -> list[str]:
     return out + majority_note(lines, "on the same held-out examples")
 
 
-def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
+def scores_figure(cells: dict, tasks: list[str], title: str):
+    """One panel per task on its own scale, every seed a dot and the mean ± std beside them, collapsed runs a
+    cross on the panel's floor. Bars from 0 would hide what the tables are about: gaps of a point or two
+    between methods whose seeds spread as much."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(cells)
-    width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.6))
-    for i, variant in enumerate(variants):
-        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(tasks))]
-        means = [cells[variant][t]["mean"] or 0.0 for t in tasks]
-        errs = [cells[variant][t]["std"] or 0.0 for t in tasks]
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=variant)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("dev score x 100 (mean ± std over seeds)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=min(4, len(variants)))
+    fig, panels = plt.subplots(1, len(tasks), figsize=(len(tasks) * (0.42 * len(variants) + 1.1) + 0.6, 3.4),
+                               squeeze=False)
+    for ax, task in zip(panels[0], tasks):
+        drawn = [x for v in variants for x in cells[v][task]["values"]]
+        floor = min(drawn) - 1 if drawn else 0.0
+        for i, variant in enumerate(variants):
+            c, color = cells[variant][task], f"C{i % 10}"
+            if c["values"]:
+                ax.scatter([i - 0.12] * len(c["values"]), c["values"], s=12, color=color, alpha=0.6)
+            if c["mean"] is not None:
+                ax.errorbar([i + 0.12], [c["mean"]], yerr=[c["std"] or 0.0], fmt="o", color=color, capsize=3)
+            if c["collapsed"]:
+                ax.scatter([i] * c["collapsed"], [floor] * c["collapsed"], marker="x", color="red")
+        ax.set_xticks(range(len(variants)), variants, rotation=40, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(variants) - 0.4)
+        ax.set_title(task, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    panels[0][0].set_ylabel("dev score x 100\n(dots: seeds; mean ± std)", fontsize=8)
+    fig.suptitle(title + " (collapsed runs: red crosses)" if any(
+        cells[v][t]["collapsed"] for v in variants for t in tasks) else title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = scores_figure(cells, tasks, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
