@@ -106,6 +106,17 @@ def test_sweeps_that_name_one_table_share_it(tmp_path):
     assert "| prilora | 86.00 ± 1.41 (2) | 79.00 ± 1.41 (2) | 82.50 |" in text
 
 
+def test_a_table_of_one_task_has_no_average_column(tmp_path):
+    rows = [line("cola", v, s, x) for v, xs in (("prilora", [0.22, 0.25]), ("lora", [0.24, 0.20])) for s, x in enumerate(xs)]
+    rows[0]["majority_baseline"] = {"score": 0.0}
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| method | cola | LoRA params | learning rate |\n|---|---|---|---|\n" in text
+    assert "| prilora | 23.50 ± 2.12 (2) | 331,776 | cola 0.001 |" in text
+    assert "| majority class | 0.00 | | |" in text
+
+
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"

@@ -177,8 +177,9 @@ def result_table(lines: list[dict], stale: set[int] | None = None) -> tuple[list
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         by_variant[group_key(line)[1]].append(line)
-    out = ["| method | " + " | ".join(tasks) + " | average | LoRA params | learning rate |",
-           "|---|" + "---|" * len(tasks) + "---|---|---|"]
+    averaged = len(tasks) > 1  # the average of one task would only repeat it
+    out = ["| method | " + " | ".join(tasks) + (" | average" if averaged else "") + " | LoRA params | learning rate |",
+           "|---|" + "---|" * len(tasks) + ("---|" if averaged else "") + "---|---|"]
     cells = {}
     for variant, vlines in by_variant.items():
         row = {t: cell([x for x in vlines if x["task"] == t]) for t in tasks}
@@ -192,10 +193,10 @@ def result_table(lines: list[dict], stale: set[int] | None = None) -> tuple[list
                 rates.append(f"{t} {'/'.join(f'{lr:g}' for lr in lrs)}")
         marks = [" †" if any(id(x) in stale for x in vlines if x["task"] == t) else "" for t in tasks]
         out.append(f"| {variant} | " + " | ".join(fmt_cell(row[t]) + m for t, m in zip(tasks, marks))
-                   + f" | {average} | {_params(vlines)} | {'; '.join(rates)} |")
+                   + (f" | {average}" if averaged else "") + f" | {_params(vlines)} | {'; '.join(rates)} |")
     floors = [majority(lines, t) for t in tasks]
     if any(floors):
-        out.append("| majority class | " + " | ".join(f or "-" for f in floors) + " | | | |")
+        out.append("| majority class | " + " | ".join(f or "-" for f in floors) + " |" + " |" * (2 + averaged))
     if "†" in "".join(out):
         out += ["", "† made at a learning rate that the method's grid, grown since, no longer chooses; the sweep "
                 "makes these runs again, and the new lines replace them here."]
