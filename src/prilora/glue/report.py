@@ -250,8 +250,7 @@ def _test_cells(test: tuple | None) -> str:
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float] | None:
     """Welch's t, its degrees of freedom (Welch-Satterthwaite), the two-sided p and the 95% interval's
-    half-width; None when either side
-    has fewer than two runs or both have no spread."""
+    half-width; None when either side has fewer than two runs or both have no spread."""
     if len(a) < 2 or len(b) < 2:
         return None
     return _t_test(statistics.fmean(a) - statistics.fmean(b),
