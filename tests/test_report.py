@@ -181,10 +181,9 @@ def test_score_plot_shows_every_seed_per_task_on_the_task_s_own_scale():
     """Bars from 0 would flatten CoLA's 22 against MRPC's 80: each task gets its own panel and scale, every seed
     is a dot, the mean ± std a point with an error bar, a collapsed run a cross on the panel's floor."""
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
 
     from prilora.glue.report import result_table, scores_figure
-
-    from matplotlib.collections import PathCollection
 
     rows = [line("mrpc", "prilora", s, v) for s, v in enumerate([0.80, 0.78, 0.79])]
     rows += [line("mrpc", "lora", s, v) for s, v in enumerate([0.81, 0.77])] + [line("mrpc", "lora", 2, 0.68, collapsed=True)]

@@ -203,7 +203,7 @@ def test_a_grown_grid_that_chooses_otherwise_reruns_the_selecting_runs(tmp_path,
     text = report.read_text()
     assert "1 earlier line(s) of runs made again" in text
     new = "- (0) [1 collapsed]" if rows[3]["collapsed"] else f"{100 * rows[3]['metrics']['score']:.2f} (1)"
-    assert f"| lora | {new} | " in text and "| rte 0.005 |" in text  # one run, not two
+    assert f"| lora | {new} | {rows[3]['lora_params']:,} | rte 0.005 |" in text  # one run, not two
     # An unfinished run at an earlier choice (run.json only) is set aside too; the run's own is kept.
     sweep = Sweep(str(spec))
     sweep.check()
