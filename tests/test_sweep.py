@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -245,13 +247,21 @@ def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_d
     assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
 
 
-def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_dir, glue_dir, capsys, monkeypatch):
+def lora_dev_specs(tmp_path, tiny_model_dir, glue_dir):
+    """Spec one makes LoRA's dev seed 0; spec two, which reuses one's file, plans seeds 0 and 1."""
     def lora_dev(name, seeds, extra=""):
         stage = f'[[stages]]\nname = "dev"\ntask = "rte"\nseed = {seeds}\nvariants = ["lora"]\n{extra}\n'
-        return write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
+        spec = write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
+        spec.write_text(spec.read_text().replace("runs_dir = ", f"runs_dir = \"{tmp_path / 'runs' / name}\"\n#"))
+        return spec
 
     one, two, bad = lora_dev("one", 0), lora_dev("two", [0, 1]), lora_dev("bad", 0, "prune-ratio = 0.5")
     two.write_text(two.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "results" / "one.jsonl"}"]'))
+    return one, two, bad
+
+
+def test_several_specs_are_all_checked_then_share_the_slots(tmp_path, tiny_model_dir, glue_dir, capsys, monkeypatch):
+    one, two, bad = lora_dev_specs(tmp_path, tiny_model_dir, glue_dir)
     assert main(["sweep", str(one), str(bad)]) == 2
     assert "bad.toml: run dev/rte/lora/s0: --prune-ratio does not apply" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
@@ -260,8 +270,41 @@ def test_several_specs_are_all_checked_then_run_in_order(tmp_path, tiny_model_di
     assert main(["sweep", str(one), str(two)]) == 0
     assert len(checked) == 3  # each of the 3 planned runs checked once: up front, not again when its spec runs
     err = capsys.readouterr().err
-    assert err.index("sweep one: finished") < err.index("sweep two: 2 runs, 1 done, 1 to run")  # one's seed 0 reused
-    assert len(lines(tmp_path / "results" / "two.jsonl")) == 2
+    # One has a single run, so two's seed 1 takes the other slot at once; two's seed 0 is one's run: it waits
+    # for it and is taken from one's file, not made twice.
+    assert "sweep one: started dev/rte/lora/s0 (1 running)\nsweep two: started dev/rte/lora/s1 (2 running)\n" in err
+    assert err.index("sweep one: finished dev/rte/lora/s0") < err.index(
+        f"sweep two: dev/rte/lora/s0: finished meanwhile in {tmp_path / 'results' / 'one.jsonl'}, taken from it")
+    assert err.count("started ") == 2 and not (tmp_path / "runs" / "two" / "dev" / "rte" / "lora" / "s0").exists()
+    made = lines(tmp_path / "results" / "one.jsonl")
+    s0, s1 = sorted(lines(tmp_path / "results" / "two.jsonl"), key=lambda r: r["sweep"]["run"])
+    assert s0["sweep"]["run"] == "dev/rte/lora/s0" and s0["metrics"] == made[0]["metrics"]
+    assert s0["sweep"]["reused_from"] == str(tmp_path / "results" / "one.jsonl") and s0["sweep"]["name"] == "two"
+    assert s1["sweep"]["reused_from"] is None and s1["seed"] == 1
+    assert "sweep one: finished: 1 runs" in err and "sweep two: finished: 2 runs" in err
+
+
+def test_a_failed_run_of_an_earlier_spec_is_made_by_the_later_spec(tmp_path, tiny_model_dir, glue_dir, capsys,
+                                                                  monkeypatch):
+    one, two, _ = lora_dev_specs(tmp_path, tiny_model_dir, glue_dir)
+    real = Sweep.start
+
+    def start(self, run, threads):
+        if self.settings["name"] != "one":
+            return real(self, run, threads)
+        os.makedirs(os.path.dirname(self.folder(run)), exist_ok=True)
+        with open(self.folder(run) + ".log", "w") as f:
+            f.write("error: out of disk\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    monkeypatch.setattr(Sweep, "start", start)
+    assert main(["sweep", str(one), str(two)]) == 1
+    err = capsys.readouterr().err
+    assert f"sweep one: FAILED dev/rte/lora/s0: exit code 3: error: out of disk (log: {tmp_path}/runs/one/" in err
+    assert err.index("sweep one: FAILED") > err.index("sweep two: started dev/rte/lora/s0")  # reported at the end
+    assert not (tmp_path / "results" / "one.jsonl").exists()
+    assert [r["sweep"]["reused_from"] for r in lines(tmp_path / "results" / "two.jsonl")] == [None, None]
+    assert "sweep two: finished: 2 runs" in err
 
 
 def test_time_left_uses_the_same_task_and_method_else_the_task_and_counts_the_rest_apart():
@@ -293,12 +336,7 @@ def test_progress_counts_a_run_planned_by_several_specs_once(tmp_path, tiny_mode
 
 
 def test_report_progress_after_a_run_and_where_it_goes(tmp_path, tiny_model_dir, glue_dir, capsys):
-    def lora_dev(name, seeds, extra=""):
-        stage = f'[[stages]]\nname = "dev"\ntask = "rte"\nseed = {seeds}\nvariants = ["lora"]\n{extra}\n'
-        return write_spec(tmp_path, tiny_model_dir, glue_dir, name=name, stages=stage)
-
-    one, two = lora_dev("one", 0), lora_dev("two", [0, 1])
-    two.write_text(two.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "results" / "one.jsonl"}"]'))
+    one, two, _ = lora_dev_specs(tmp_path, tiny_model_dir, glue_dir)
     assert main(["sweep", str(one)]) == 0
     out = tmp_path / "results" / "one.jsonl"
     line = lines(out)[0]

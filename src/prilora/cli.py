@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "run's results.json to the spec's JSON-lines file. See docs/SWEEPS.md.",
     )
     sweep.add_argument("spec", nargs="+",
-                       help="a .toml, .yaml or .yml file (e.g. experiments/main-table.toml); several run one after "
-                            "another, all checked before the first starts")
+                       help="a .toml, .yaml or .yml file (e.g. experiments/main-table.toml); several run in order as "
+                            "one queue (a slot the current spec cannot fill takes a later spec's ready run), all "
+                            "checked before the first starts")
     sweep.add_argument("--jobs", type=int, default=None,
                        help="runs at a time, each with CPU cores / jobs threads (default: the spec's jobs, or 1)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
@@ -534,7 +535,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .glue.sweep import Sweep, SweepError, exclusive, study_progress
+    from .glue.sweep import Sweep, SweepError, exclusive, run_sweeps, study_progress
 
     if args.jobs is not None and args.jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
@@ -548,13 +549,8 @@ def cmd_sweep(args) -> int:
             print(f"sweep, all {len(sweeps)} specs: {study['planned']} distinct runs, {study['done']} done, "
                   f"{len(study['left'])} to run" + (f"; {study['estimate']}" if study["left"] else ""), file=sys.stderr)
         return 0
-    code = 0
     with exclusive(sweeps):
-        for sweep in sweeps:
-            code = max(code, sweep.run())
-            if code == 130:  # interrupted: the rest wait for the same command
-                break
-    return code
+        return run_sweeps(sweeps)
 
 
 def main(argv=None) -> int:

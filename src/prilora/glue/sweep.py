@@ -320,7 +320,7 @@ def _identity(sweep: "Sweep", run: PlannedRun) -> str:
 
 
 def study_progress(sweeps: list["Sweep"], states: list[tuple] | None = None) -> dict:
-    """Several specs run one after the other, as a dry run counts them: each spec's (sweep, done, todo),
+    """Several specs of one command, as a dry run counts them: each spec's (sweep, done, todo),
     and over all of them each distinct run once (the ablations take PRILoRA's and LoRA's runs from
     earlier tables, so per-spec counts of runs left overlap). Nothing runs and nothing is written.
     ``states``: the specs' (sweep, done, todo) when a dry run has counted them already."""
@@ -387,6 +387,8 @@ class Sweep:
         self._reusable: list[tuple[str, dict]] = []
         self._announced: set[str] = set()  # runs whose changed choice was logged
         self.added: list[PlannedRun] = []  # runs planned by grow(), not yet handed to the run loop
+        self.done: dict[str, PlannedRun] = {}  # what run_sweeps() has seen finished, by run id
+        self.todo: list[PlannedRun] = []  # and what it has still to start
         self._checked = False
 
     def log(self, text: str) -> None:
@@ -615,61 +617,52 @@ class Sweep:
         return done, todo
 
     def run(self) -> int:
+        return run_sweeps([self])
+
+    def begin(self) -> None:
+        """Count what is done (recording runs found elsewhere) and queue the rest."""
         self.check()
-        done = self.collect_done()
-        todo = [r for r in self.runs if r.id not in done]
+        self.done = self.collect_done()
+        self.todo = [r for r in self.runs if r.id not in self.done]
         self.added.clear()
-        self.summarize(done, todo)
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        running: dict[str, tuple[PlannedRun, subprocess.Popen, float]] = {}
-        stop = {"signal": None}
+        self.summarize(self.done, self.todo)
 
-        def on_signal(signum, frame):
-            stop["signal"] = signum
+    def take(self, blocked) -> PlannedRun | None:
+        """The next run to start: the first one whose values are chosen and that ``blocked`` lets through.
+        A run found finished meanwhile (its choice resolved to a run made before, or an earlier spec of
+        the same command made it) is recorded, not returned."""
+        while True:
+            ready = next((r for r in self.todo if self._ready(r, self.done) and not blocked(r)), None)
+            if self.added:  # grow() planned runs while looking: they go first
+                self.todo[:0] = self.added
+                self.added = []
+                continue
+            if ready is None:
+                return None
+            self.todo.remove(ready)
+            if not self.finished_already(ready):
+                return ready
+            self.done[ready.id] = ready
+            where = ready.line.get("sweep", {}).get("reused_from") or self.folder(ready)
+            self.log(f"{ready.id}: already finished at {_fmt_choice(self.choice_of(ready))}" if ready.selects
+                     else f"{ready.id}: finished meanwhile in {where}, taken from it")
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while (todo or running) and stop["signal"] is None:
-                while len(running) < self.jobs:
-                    ready = next((r for r in todo if self._ready(r, done)), None)
-                    if self.added:  # grow() planned runs while looking: they go first
-                        todo[:0] = self.added
-                        self.added = []
-                        continue
-                    if ready is None:
-                        break
-                    todo.remove(ready)
-                    if self.finished_already(ready):  # its choice resolved now, to a run made before
-                        done[ready.id] = ready
-                        self.log(f"{ready.id}: already finished at {_fmt_choice(self.choice_of(ready))}")
-                        continue
-                    running[ready.id] = (ready, self.start(ready, threads), time.time())
-                    self.log(f"started {ready.id} ({len(running)} running)")
-                if not running:
-                    break
-                time.sleep(1)
-                for rid, (run, proc, t0) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
-                    del running[rid]
-                    self._finish(run, proc.returncode, time.time() - t0, done)
-                    self.log(f"{len(done)}/{len(self.runs)} done, {len(running)} running, {len(todo)} waiting"
-                             + (f"; {self.estimate(todo + [r for r, _, _ in running.values()], done)}"
-                                if todo or running else ""))
-        finally:
-            for run, proc, _ in running.values():
-                proc.send_signal(signal.SIGINT)  # prilora train exits cleanly on SIGINT; checkpoints stay
-            for run, proc, _ in running.values():
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            for s, handler in old.items():
-                signal.signal(s, handler)
-        if stop["signal"] is not None:
-            self.log(f"interrupted: {len(done)}/{len(self.runs)} done; run the same command again to continue")
+    def pending(self) -> set[str]:
+        """What this spec still plans to make (runs queued or not yet handed over, less those that wait
+        for failed runs), as _identity keys: a later spec waits for these instead of making them too."""
+        return {_identity(self, r) for r in self.todo + self.added if not self._waits_for_failed(r)}
+
+    def offer(self, path: str, line: dict) -> None:
+        """A line another spec of the same command just wrote to ``path``: usable if this spec reuses it."""
+        mine = next((p for p in self.settings["reuse"] if os.path.realpath(p) == os.path.realpath(path)), None)
+        if mine is not None:
+            self._reusable.append((mine, line))
+
+    def conclude(self, interrupted: bool) -> int:
+        if interrupted and len(self.done) < len(self.runs):
+            self.log(f"interrupted: {len(self.done)}/{len(self.runs)} done; run the same command again to continue")
             return 130
-        blocked = [r.id for r in todo]
+        blocked = [r.id for r in self.todo]
         for rid, why in self.failed.items():
             self.log(f"FAILED {rid}: {why}")
         if blocked:
@@ -677,15 +670,15 @@ class Sweep:
                      + (" ..." if len(blocked) > 3 else ""))
         if self.failed or blocked:
             return 1
-        self.log(f"finished: {len(done)} runs in {self.out}")
+        self.log(f"finished: {len(self.done)} runs in {self.out}")
         return 0
 
+    def _waits_for_failed(self, run: PlannedRun) -> bool:
+        return any(r.id in self.failed for r in self.runs if r.stage in run.selects.values()
+                   and r.task == run.task and r.variant == run.variant)
+
     def _ready(self, run: PlannedRun, done: dict) -> bool:
-        for stage in set(run.selects.values()):
-            if any(r.id in self.failed for r in self.runs
-                   if r.stage == stage and r.task == run.task and r.variant == run.variant):
-                return False
-        return self.resolve(run, done)
+        return not self._waits_for_failed(run) and self.resolve(run, done)
 
     def _finish(self, run: PlannedRun, rc: int, seconds: float, done: dict) -> None:
         results = os.path.join(self.folder(run), RESULTS_FILE)
@@ -708,3 +701,75 @@ class Sweep:
         except OSError:
             pass
         self.failed[run.id] = f"exit code {rc}: {last} (log: {self.folder(run)}.log)"
+
+
+def run_sweeps(sweeps: list[Sweep]) -> int:
+    """Run several specs' runs as one queue, in the specs' order. A slot the first unfinished spec cannot
+    fill (its last runs are running, or the rest wait for a choice) takes a ready run of a later spec, so
+    no core idles between specs. A later spec's run waits while an earlier spec still plans the same run
+    (same settings, see _identity) or trains in its folder: it is made once, then taken from the earlier
+    spec's file when the later spec reuses it. Runs at a time: the first unfinished spec's ``jobs``."""
+    for sweep in sweeps:
+        sweep.begin()
+    running: dict[str, tuple[Sweep, PlannedRun, subprocess.Popen, float]] = {}  # by folder
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    def blocker(index: int):
+        earlier: set[str] | None = None
+
+        def blocked(run: PlannedRun) -> bool:
+            nonlocal earlier
+            if os.path.realpath(sweeps[index].folder(run)) in running:
+                return True
+            if earlier is None:
+                earlier = set().union(*(s.pending() for s in sweeps[:index]))
+                earlier |= {_identity(s, r) for s, r, _, _ in running.values() if sweeps.index(s) < index}
+            return bool(earlier) and _identity(sweeps[index], run) in earlier
+        return blocked
+
+    def running_of(sweep: Sweep) -> list[PlannedRun]:
+        return [r for s, r, _, _ in running.values() if s is sweep]
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while stop["signal"] is None:
+            live = [s for s in sweeps if s.todo or running_of(s)]
+            if not live:
+                break
+            jobs = live[0].jobs
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            for index, sweep in enumerate(sweeps):
+                while len(running) < jobs:
+                    run = sweep.take(blocker(index))
+                    if run is None:
+                        break
+                    running[os.path.realpath(sweep.folder(run))] = (sweep, run, sweep.start(run, threads), time.time())
+                    sweep.log(f"started {run.id} ({len(running)} running)")
+            if not running:
+                break
+            time.sleep(1)
+            for key, (sweep, run, proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[key]
+                sweep._finish(run, proc.returncode, time.time() - t0, sweep.done)
+                if run.id in sweep.done:
+                    for other in sweeps[sweeps.index(sweep) + 1:]:
+                        other.offer(sweep.out, run.line)
+                left = sweep.todo + running_of(sweep)
+                sweep.log(f"{len(sweep.done)}/{len(sweep.runs)} done, {len(running_of(sweep))} running, "
+                          f"{len(sweep.todo)} waiting" + (f"; {sweep.estimate(left, sweep.done)}" if left else ""))
+    finally:
+        for _, run, proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)  # prilora train exits cleanly on SIGINT; checkpoints stay
+        for _, run, proc, _ in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return max(sweep.conclude(stop["signal"] is not None) for sweep in sweeps)
