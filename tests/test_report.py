@@ -120,10 +120,28 @@ def test_a_table_of_one_task_has_no_average_column(tmp_path):
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"
-    (tmp_path / "bad.jsonl").write_text('{"task": "rte"}\n{not json\n')
+    (tmp_path / "bad.jsonl").write_text(json.dumps(line("rte", "lora", 0, 0.6)) + '\n{not json\n')
     assert main(["report", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
     assert not (tmp_path / "R.md").exists()
+    (tmp_path / "other.jsonl").write_text(json.dumps(line("rte", "lora", 0, 0.6)) + '\n\n{"task": "rte", "loss": 1}\n')
+    assert main(["report", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
+    assert capsys.readouterr().err.strip() == f"prilora report: error: {tmp_path / 'other.jsonl'}:3: not a results " \
+        "line of prilora train (no method): a results file holds the results.json lines that prilora train and " \
+        "prilora sweep write"
+    good = str(tmp_path / "good.jsonl")
+    write(tmp_path / "good.jsonl", [line("rte", "lora", 0, 0.6)])
+    (tmp_path / "R.md").write_text("an earlier report\n")
+    (tmp_path / "a-file").write_text("")
+    for extra, message in ((["--notes", str(tmp_path / "no-notes.md")], f"notes file {tmp_path / 'no-notes.md'} not found"),
+                           (["--out", str(tmp_path)], f"--out {tmp_path} is a folder: pass the path of the Markdown "
+                                                      "file to write"),
+                           (["--out", str(tmp_path / "a-file" / "R.md")], f"cannot write to {tmp_path / 'a-file'}: ")):
+        args = ["report", good, "--out", str(tmp_path / "R.md")] + extra
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"prilora report: error: {message}") and err.count("\n") == 1, err
+    assert (tmp_path / "R.md").read_text() == "an earlier report\n" and not (tmp_path / "results").exists()
 
 
 def test_schedule_by_pruning_table_gives_each_effect_and_the_interaction(tmp_path):

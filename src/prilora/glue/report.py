@@ -657,10 +657,20 @@ def _slug(text: str) -> str:
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
                  command: str | None = None, reference: str = "prilora", progress: list[str] | None = None) -> str:
     lines, superseded = latest(load(paths))
+    if notes and not os.path.isfile(notes):
+        raise ReportError(f"notes file {notes} not found")
+    plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
+    if os.path.isdir(out):
+        raise ReportError(f"--out {out} is a folder: pass the path of the Markdown file to write")
+    for folder in (os.path.dirname(out) or ".", plots_dir):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ReportError(f"cannot write to {folder}: {e.strerror}: pass --out (or --plots) in a writable folder")
+        if not os.access(folder, os.W_OK):
+            raise ReportError(f"cannot write to {folder}: permission denied: pass --out (or --plots) in a writable folder")
     fill_majority(lines)
     stale = outdated_runs(lines)
-    plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
-    os.makedirs(plots_dir, exist_ok=True)
     rel = os.path.relpath(plots_dir, os.path.dirname(out) or ".")
     tables: dict[str, list[dict]] = defaultdict(list)
     for line in lines:

@@ -242,6 +242,9 @@ def spec_of_result(line: dict) -> dict:
     return complete_spec(RunSpec, {k: line[k] for k in SPEC_FIELDS if k in line})
 
 
+RESULT_KEYS = ("task", "method", "metrics")  # what every reader of a results line relies on
+
+
 def read_lines(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
@@ -250,9 +253,15 @@ def read_lines(path: str) -> list[dict]:
         for n, text in enumerate(f, 1):
             if text.strip():
                 try:
-                    out.append(json.loads(text))
+                    line = json.loads(text)
                 except json.JSONDecodeError:
                     raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
+                missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
+                if missing or not isinstance(line["metrics"], dict):
+                    raise SweepError(f"{path}:{n}: not a results line of prilora train (no {(missing or ['metrics'])[0]}"
+                                     "): a results file holds the results.json lines that prilora train and "
+                                     "prilora sweep write")
+                out.append(line)
     return out
 
 
