@@ -394,6 +394,26 @@ variants = ["prilora"]
            "found ['learning-rate', 'prune-ratio']" in err and "\n" not in err
 
 
+def test_unwritable_output_or_runs_folder_fails_before_running(tmp_path, tiny_model_dir, glue_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
+    (tmp_path / "a-file").write_text("")
+    text = spec.read_text()
+    for old, new, message in (
+            (f"{tmp_path / 'results'}/t.jsonl", f"{tmp_path / 'a-file'}/deeper/t.jsonl",
+             f"output {tmp_path / 'a-file'}/deeper/t.jsonl cannot be written ({tmp_path / 'a-file'} is a file)"),
+            (f"{tmp_path / 'results'}/t.jsonl", str(tmp_path), f"output {tmp_path} is a folder: name a .jsonl file"),
+            (f'runs_dir = "{tmp_path / "runs"}"', f'runs_dir = "{tmp_path / "a-file" / "runs"}"',
+             f"runs_dir {tmp_path / 'a-file' / 'runs'} cannot be written ({tmp_path / 'a-file'} is a file)")):
+        assert old in text
+        spec.write_text(text.replace(old, new))
+        assert main(["sweep", str(spec)]) == 2
+        assert capsys.readouterr().err.strip() == f"prilora sweep: error: {spec}: {message}: choose another path" \
+            if "cannot" in message else f"prilora sweep: error: {spec}: {message}"
+        assert main(["sweep", str(spec), "--dry-run"]) == 0  # counting writes nothing, so it needs no folder
+        capsys.readouterr()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ('\n[variants.bad]\nmethod = "lora"\nprune-ratio = 0.5\n',
      "run lr/rte/bad/learning-rate=0.001-s0: --prune-ratio does not apply to --method lora"),

@@ -542,6 +542,8 @@ def cmd_sweep(args) -> int:
     sweeps = [Sweep(path, jobs=args.jobs) for path in args.spec]
     for sweep in sweeps:
         sweep.check()  # a bad later spec fails now, not hours into the first
+        if not args.dry_run:
+            sweep.check_paths()  # before the lock creates runs_dir
     if args.dry_run:
         states = [(sweep, *sweep.dry_run()) for sweep in sweeps]
         if len(sweeps) > 1:

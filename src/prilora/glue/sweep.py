@@ -421,6 +421,23 @@ class Sweep:
                 run.spec = spec
         self._checked = True
 
+    def check_paths(self) -> None:
+        """The output file and the runs folder must be writable before the first run starts, not found
+        unwritable when it finishes hours later. Creates nothing (a dry run writes nothing)."""
+        if os.path.isdir(self.out):
+            raise SweepError(f"{self.path}: output {self.out} is a folder: name a .jsonl file")
+        if os.path.exists(self.out) and not os.access(self.out, os.W_OK):
+            raise SweepError(f"{self.path}: output {self.out} is not writable: make it writable or name another file")
+        for key, folder in (("output", os.path.dirname(self.out) or "."), ("runs_dir", self.settings["runs_dir"])):
+            path = os.path.abspath(folder)
+            while not os.path.exists(path):
+                path = os.path.dirname(path)
+            why = f"{path} is a file" if not os.path.isdir(path) else \
+                f"{path} is not writable" if not os.access(path, os.W_OK) else None
+            if why:
+                raise SweepError(f"{self.path}: {key} {self.out if key == 'output' else folder} cannot be written "
+                                 f"({why}): choose another path")
+
     def resolve(self, run: PlannedRun, done: dict[str, PlannedRun]) -> bool:
         """Fill in values chosen from earlier stages; False while those stages are unfinished."""
         if run.spec is not None:
@@ -718,6 +735,9 @@ def run_sweeps(sweeps: list[Sweep]) -> int:
     no core idles between specs. A later spec's run waits while an earlier spec still plans the same run
     (same settings, see _identity) or trains in its folder: it is made once, then taken from the earlier
     spec's file when the later spec reuses it. Runs at a time: the first unfinished spec's ``jobs``."""
+    for sweep in sweeps:
+        sweep.check()
+        sweep.check_paths()
     for sweep in sweeps:
         sweep.begin()
     running: dict[str, tuple[Sweep, PlannedRun, subprocess.Popen, float]] = {}  # by folder
