@@ -63,3 +63,8 @@ def test_bench_bad_input(tmp_path, capsys):
                                                "--memory, --event-sizes or --inference")
     assert main(["bench", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "prilora bench: error: --steps must be >= 1, got 0"
+    (tmp_path / "a-file").write_text("")
+    assert main(["bench", "--json", str(tmp_path / "a-file" / "bench.json")]) == 2  # refused before measuring
+    assert capsys.readouterr().err.strip() == (f"prilora bench: error: --json {tmp_path / 'a-file' / 'bench.json'} "
+                                               f"cannot be written ({tmp_path / 'a-file'} is a file): pass another "
+                                               "file path")

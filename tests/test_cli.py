@@ -202,6 +202,11 @@ def test_bad_task_method_and_flags(tmp, glue_dir, capsys):
     assert capsys.readouterr().err.strip() == ("prilora train: error: argument --r-start: invalid int value: 'four' "
                                                "(see prilora train --help)")
     assert not (tmp["root"] / "run").exists()  # nothing was created for a rejected command
+    (tmp["root"] / "a-file").write_text("keep me")
+    assert error_of(capsys, train(tmp, glue_dir, out="a-file/run")) == \
+        f"prilora train: error: --output-dir {tmp['root'] / 'a-file' / 'run'} cannot be written " \
+        f"({tmp['root'] / 'a-file'} is a file): choose another folder"
+    assert (tmp["root"] / "a-file").read_text() == "keep me"
 
 
 def test_holdout_run_scores_on_train_examples(tmp, glue_dir, capsys):

@@ -136,6 +136,9 @@ def test_export_bad_input(llama_adapter, tmp_path, capsys):
     assert error("export", "sparse", str(root / "adapter"), "--out", str(tmp_path / "full")).endswith(
         "full exists and is not empty: choose a new folder")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+    assert error("export", "sparse", str(root / "adapter"), "--out", str(tmp_path / "full" / "x" / "o")) == \
+        f"prilora export: error: --out {tmp_path / 'full' / 'x' / 'o'} cannot be written ({tmp_path / 'full' / 'x'} " \
+        "is a file): choose another folder"
     assert error("export", "sparse", str(root / "adapter"), "--base", "x", "--out", str(tmp_path / "o")) == \
         "prilora export: error: --base applies to export merged only, not export sparse"
     # Base models that do not match the adapter: other width, fewer layers.

@@ -136,7 +136,8 @@ def test_report_bad_input(tmp_path, capsys):
     for extra, message in ((["--notes", str(tmp_path / "no-notes.md")], f"notes file {tmp_path / 'no-notes.md'} not found"),
                            (["--out", str(tmp_path)], f"--out {tmp_path} is a folder: pass the path of the Markdown "
                                                       "file to write"),
-                           (["--out", str(tmp_path / "a-file" / "R.md")], f"cannot write to {tmp_path / 'a-file'}: ")):
+                           (["--out", str(tmp_path / "a-file" / "R.md")], f"cannot write to {tmp_path / 'a-file'} ({tmp_path / 'a-file'} "
+                                                                      "is a file): pass --out (or --plots) in a writable folder")):
         args = ["report", good, "--out", str(tmp_path / "R.md")] + extra
         assert main(args) == 2
         err = capsys.readouterr().err

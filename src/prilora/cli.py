@@ -500,7 +500,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import BUILTIN_MODELS, METHODS, format_result, run_bench
-    from .run_folder import RunError, write_json_atomic
+    from .run_folder import RunError, unwritable, write_json_atomic
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -513,6 +513,8 @@ def cmd_bench(args) -> int:
         raise RunError(f"--model {args.model!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local model folder")
     if args.json and os.path.isdir(args.json):
         raise RunError(f"--json {args.json} is a folder: pass a file path")
+    if args.json and (why := unwritable(os.path.dirname(args.json) or ".")):
+        raise RunError(f"--json {args.json} cannot be written ({why}): pass another file path")
     if args.no_timing and not (args.memory or args.event_sizes or args.inference):
         raise RunError("--no-timing leaves nothing to measure: add --memory, --event-sizes or --inference")
     result = run_bench(args)

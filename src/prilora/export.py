@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .run_folder import missing_local_folder
+from .run_folder import missing_local_folder, unwritable
 
 ADAPTER_CONFIG = "adapter_config.json"
 DENSE_WEIGHTS = "adapter_model.safetensors"
@@ -35,6 +35,8 @@ class AdapterError(ValueError):
 def check_new_folder(path: str) -> None:
     if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
         raise AdapterError(f"--out {path} exists and is not empty: choose a new folder")
+    if why := unwritable(path):
+        raise AdapterError(f"--out {path} cannot be written ({why}): choose another folder")
 
 
 def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], bool]:

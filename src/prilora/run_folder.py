@@ -98,6 +98,17 @@ def precision_args(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def unwritable(folder: str) -> str | None:
+    """Why ``folder`` could not be created or written to (its nearest existing parent is a file, or not
+    writable), or None. Creates nothing: commands ask before hours of work, not when saving after it."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file"
+    return None if os.access(path, os.W_OK) else f"{path} is not writable"
+
+
 def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     """Check the output folder against the request, changing nothing yet (a run that then fails on
     its data or model loses nothing). Returns (replace the folder?, checkpoint to resume from)."""
@@ -140,6 +151,8 @@ def hold_output_dir(out: str):
     same command in another terminal; ``--resume``, or ``--overwrite`` that would delete a folder being
     written) stops at once with a RunError. An ``flock`` on the folder itself: no lock file, and it ends with
     the process, even a killed one. Folders made here for a run that fails before writing to them are removed."""
+    if is_main_process() and not os.path.isfile(out) and (why := unwritable(out)):  # a file: check_output_dir
+        raise RunError(f"--output-dir {out} cannot be written ({why}): choose another folder")
     try:
         import fcntl
     except ImportError:  # not POSIX

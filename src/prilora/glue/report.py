@@ -22,6 +22,7 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 
+from ..run_folder import unwritable
 from .sweep import Sweep, describe_left, read_lines, score_of, seconds_left, select_values, study_progress
 from .tasks import TASKS
 
@@ -663,12 +664,10 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     if os.path.isdir(out):
         raise ReportError(f"--out {out} is a folder: pass the path of the Markdown file to write")
     for folder in (os.path.dirname(out) or ".", plots_dir):
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ReportError(f"cannot write to {folder}: {e.strerror}: pass --out (or --plots) in a writable folder")
-        if not os.access(folder, os.W_OK):
-            raise ReportError(f"cannot write to {folder}: permission denied: pass --out (or --plots) in a writable folder")
+        if why := unwritable(folder):
+            raise ReportError(f"cannot write to {folder} ({why}): pass --out (or --plots) in a writable folder")
+    for folder in (os.path.dirname(out) or ".", plots_dir):
+        os.makedirs(folder, exist_ok=True)
     fill_majority(lines)
     stale = outdated_runs(lines)
     rel = os.path.relpath(plots_dir, os.path.dirname(out) or ".")

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none
+from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none, unwritable
 
 SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
@@ -429,12 +429,7 @@ class Sweep:
         if os.path.exists(self.out) and not os.access(self.out, os.W_OK):
             raise SweepError(f"{self.path}: output {self.out} is not writable: make it writable or name another file")
         for key, folder in (("output", os.path.dirname(self.out) or "."), ("runs_dir", self.settings["runs_dir"])):
-            path = os.path.abspath(folder)
-            while not os.path.exists(path):
-                path = os.path.dirname(path)
-            why = f"{path} is a file" if not os.path.isdir(path) else \
-                f"{path} is not writable" if not os.access(path, os.W_OK) else None
-            if why:
+            if why := unwritable(folder):
                 raise SweepError(f"{self.path}: {key} {self.out if key == 'output' else folder} cannot be written "
                                  f"({why}): choose another path")
 
