@@ -207,6 +207,11 @@ def test_bad_task_method_and_flags(tmp, glue_dir, capsys):
         f"prilora train: error: --output-dir {tmp['root'] / 'a-file' / 'run'} cannot be written " \
         f"({tmp['root'] / 'a-file'} is a file): choose another folder"
     assert (tmp["root"] / "a-file").read_text() == "keep me"
+    (tmp["root"] / "damaged").mkdir()
+    (tmp["root"] / "damaged" / "run.json").write_text('{"spec": ')
+    assert error_of(capsys, train(tmp, glue_dir, "--resume", out="damaged")) == \
+        f"prilora train: error: {tmp['root'] / 'damaged' / 'run.json'} is damaged (not JSON: Expecting value: " \
+        "line 1 column 10 (char 9)): restore it, or move its folder away"
 
 
 def test_holdout_run_scores_on_train_examples(tmp, glue_dir, capsys):

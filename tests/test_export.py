@@ -156,6 +156,18 @@ def test_export_bad_input(llama_adapter, tmp_path, capsys):
     (tmp_path / "nobase" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
     assert error("export", "merged", str(tmp_path / "nobase"), "--out", str(tmp_path / "o")).endswith(
         "nobase's adapter_config.json names no base model: pass --base")
+    # Damaged files: a config cut short, weights cut to their first 100 bytes.
+    shutil.copytree(root / "adapter", tmp_path / "cut-config")
+    (tmp_path / "cut-config" / "adapter_config.json").write_text('{"peft_type": "LO')
+    assert error("inspect", str(tmp_path / "cut-config")) == (
+        f"prilora inspect: error: {tmp_path / 'cut-config' / 'adapter_config.json'} is damaged (not JSON: "
+        "Unterminated string starting at: line 1 column 15 (char 14)): restore it, or move its folder away")
+    shutil.copytree(root / "adapter", tmp_path / "cut-weights")
+    weights = tmp_path / "cut-weights" / DENSE_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    err = error("export", "sparse", str(tmp_path / "cut-weights"), "--out", str(tmp_path / "o"))
+    assert err.startswith(f"prilora export: error: {weights} cannot be read (") and \
+        err.endswith("): the file is damaged or cut short; save or export the adapter again")
     assert not (tmp_path / "o").exists()
 
 

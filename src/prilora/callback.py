@@ -3,7 +3,6 @@ turns Ctrl-C into a checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .pruning import STATE_FILE, PriLoraPruner
-from .run_folder import write_json_atomic
+from .run_folder import read_json, write_json_atomic
 
 RUNTIME_FILE = "prilora_runtime.json"
 
@@ -92,8 +91,7 @@ class TrainingClock(TrainerCallback):
         self.before = 0.0
         path = os.path.join(resume_from, RUNTIME_FILE) if resume_from else None
         if path and os.path.isfile(path):
-            with open(path) as f:
-                self.before = float(json.load(f)["train_runtime_s"])
+            self.before = float(read_json(path)["train_runtime_s"])
         self._start = time.time()
 
     def elapsed(self) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .run_folder import missing_local_folder, unwritable
+from .run_folder import missing_local_folder, read_json, unwritable
 
 ADAPTER_CONFIG = "adapter_config.json"
 DENSE_WEIGHTS = "adapter_model.safetensors"
@@ -47,16 +47,19 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], bool]:
     if not os.path.isfile(config_file):
         raise AdapterError(f"{path} holds no {ADAPTER_CONFIG}: pass the folder a PEFT adapter was saved to "
                            "(prilora train's --output-dir)")
-    with open(config_file) as f:
-        config = json.load(f)
-    sparse = os.path.join(path, SPARSE_WEIGHTS)
-    if os.path.isfile(sparse):
-        return config, unpack_sparse(sparse), True
-    dense = os.path.join(path, DENSE_WEIGHTS)
-    if os.path.isfile(dense):
-        return config, load_file(dense), False
-    if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-        return config, torch.load(os.path.join(path, "adapter_model.bin"), weights_only=True), False
+    config = read_json(config_file)
+    for name, load, sparse in ((SPARSE_WEIGHTS, unpack_sparse, True), (DENSE_WEIGHTS, load_file, False),
+                               ("adapter_model.bin", lambda file: torch.load(file, weights_only=True), False)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            return config, load(file), sparse
+        except AdapterError:
+            raise
+        except Exception as e:  # safetensors, pickle and zip errors of a damaged or cut-short file
+            raise AdapterError(f"{file} cannot be read ({' '.join(str(e).split())}): the file is damaged or cut "
+                               "short; save or export the adapter again") from None
     raise AdapterError(f"{path} holds no adapter weights ({DENSE_WEIGHTS} or {SPARSE_WEIGHTS})")
 
 

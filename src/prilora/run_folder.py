@@ -134,8 +134,7 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
                        "pass --overwrite to replace it, or choose another --output-dir")
     if not paths.resume:
         raise RunError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
-    with open(run_file) as f:
-        started = complete_spec(type(spec), json.load(f)["spec"])
+    started = complete_spec(type(spec), read_json(run_file)["spec"])
     started, wanted = _flatten(started), _flatten(json.loads(json.dumps(spec.to_dict())))
     changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
     if changed:
@@ -232,6 +231,16 @@ def finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def read_json(path: str) -> dict:
+    """A JSON file a run or an adapter keeps (run.json, results.json, adapter_config.json): a damaged one
+    is a one-line error that names it, not a traceback."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is damaged (not JSON: {e}): restore it, or move its folder away") from None
 
 
 def write_json_atomic(path: str, data: dict) -> None:

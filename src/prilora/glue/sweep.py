@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none, unwritable
+from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none, read_json, unwritable
 
 SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
@@ -541,8 +541,7 @@ class Sweep:
         results = os.path.join(self.folder(run), RESULTS_FILE)
         if not os.path.isfile(results):
             return False
-        with open(results) as f:
-            line = json.load(f)
+        line = read_json(results)
         if spec_of_result(line) != run.spec:
             if self.other_choice(run, spec_of_result(line)) is not None:
                 return False  # made at an earlier choice: start() sets it aside
@@ -578,8 +577,7 @@ class Sweep:
         for name, key in ((RESULTS_FILE, None), (RUN_FILE, "spec")):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
-                with open(path) as f:
-                    data = json.load(f)
+                data = read_json(path)
                 spec = spec_of_result(data if key is None else data[key])
                 if spec == run.spec or self.other_choice(run, spec) is None:
                     return  # this run's own folder, or one that `prilora train` will refuse with its reason
@@ -704,8 +702,7 @@ class Sweep:
     def _finish(self, run: PlannedRun, rc: int, seconds: float, done: dict) -> None:
         results = os.path.join(self.folder(run), RESULTS_FILE)
         if rc == 0 and os.path.isfile(results):
-            with open(results) as f:
-                self.record(run, json.load(f))
+            self.record(run, read_json(results))
             done[run.id] = run
             for checkpoint in glob.glob(os.path.join(self.folder(run), "checkpoint-*")):
                 shutil.rmtree(checkpoint)  # only needed to resume; the run saved its adapter (or model)
