@@ -74,9 +74,15 @@ def test_plan_ids_and_dry_run(tmp_path, tiny_model_dir, glue_dir, capsys):
         "dev/rte/prilora/s0", "dev/rte/prilora/s1", "dev/rte/lora/s0", "dev/rte/lora/s1",
         "dev/rte/full/s0", "dev/rte/full/s1"]
     assert main(["sweep", str(spec), "--dry-run"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
     assert out[0] == "lr/rte/prilora/learning-rate=0.001-s0\tto run" and out[-1] == "dev/rte/full/s1\twaits for lr"
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+    assert "sweep t: 11 runs, 0 done, 11 to run" in captured.err and "reuse file" not in captured.err
+    spec.write_text(spec.read_text().replace("jobs = 2", f'jobs = 2\nreuse = ["{tmp_path / "typo.jsonl"}"]'))
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    assert f"sweep t: reuse file {tmp_path / 'typo.jsonl'} not found (yet): the runs it would give are made here, " \
+           "unless an earlier spec of the same command writes it\n" in capsys.readouterr().err
 
 
 def test_sweep_runs_selects_skips_and_reuses(tmp_path, tiny_model_dir, glue_dir, capsys):

@@ -622,6 +622,10 @@ class Sweep:
     def summarize(self, done: dict[str, PlannedRun], todo: list[PlannedRun]) -> None:
         self.log(f"{len(self.runs)} runs, {len(done)} done, {len(todo)} to run -> {self.out}"
                  + (f"; {self.estimate(todo, done)}" if todo else ""))
+        missing = [p for p in self.settings["reuse"] if not os.path.exists(p)]
+        if missing:  # a typo would silently make hours of runs again
+            self.log(f"reuse file {', '.join(missing)} not found (yet): the runs it would give are made here, "
+                     "unless an earlier spec of the same command writes it")
 
     def dry_run(self) -> tuple[dict[str, PlannedRun], list[PlannedRun]]:
         """Log the counts and list every run with its state (stdout); nothing runs and nothing is written.
