@@ -313,6 +313,38 @@ def test_a_failed_run_of_an_earlier_spec_is_made_by_the_later_spec(tmp_path, tin
     assert "sweep two: finished: 2 runs" in err
 
 
+def test_a_closed_terminal_stops_the_sweep_and_its_runs_with_checkpoints(tmp_path, tiny_model_dir, glue_dir):
+    """SIGHUP (the terminal of a sweep started without nohup closed) does what Ctrl-C does: every run
+    saves a checkpoint at the step it stops at, and the sweep exits 130; nothing is left training."""
+    import signal
+    import time
+
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, name="long",
+                      stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
+    spec.write_text(spec.read_text().replace("max-steps = 2", "max-steps = 100000\nsave-steps = 20"))
+    run_dir = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0"
+    with open(tmp_path / "sweep.log", "w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "prilora.cli", "sweep", str(spec)], stderr=log, cwd=ROOT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as in a terminal
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint-20").exists():  # training, with the callbacks in place
+            assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()
+            time.sleep(0.2)
+        sweep.send_signal(signal.SIGHUP)
+        assert sweep.wait(timeout=120) == 130
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert "sweep long: interrupted: 0/1 done; run the same command again to continue" in \
+        (tmp_path / "sweep.log").read_text()
+    train_log = (tmp_path / "runs" / "dev" / "rte" / "lora" / "s0.log").read_text()
+    assert "stopping after this optimizer step, with a checkpoint to resume from" in train_log
+    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert f"checkpoint-{stopped_at}" in train_log and "rerun with --resume to continue" in train_log
+    assert stopped_at >= 20 and not (run_dir / "results.json").exists()
+
+
 def test_time_left_uses_the_same_task_and_method_else_the_task_and_counts_the_rest_apart():
     times = runtimes([{"task": "rte", "method": "lora", "train_runtime_s": 100},
                       {"task": "rte", "method": "lora", "train_runtime_s": 300},

@@ -163,3 +163,17 @@ def test_save_on_interrupt_outside_a_step_and_when_disabled(ctrl_c):
         assert interrupt.requested
         interrupt.requested = False  # training went on to its end
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # A closed terminal (SIGHUP) stops it as SIGTERM does; under nohup (SIGHUP ignored) it stays ignored.
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever the test runner ignores
+    try:
+        with SaveOnInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert interrupt.requested
+            interrupt.requested = False
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with SaveOnInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not interrupt.requested and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

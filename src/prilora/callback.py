@@ -110,7 +110,8 @@ class TrainingClock(TrainerCallback):
 
 
 class SaveOnInterrupt(TrainerCallback):
-    """Ctrl-C or SIGTERM during ``trainer.train()``: finish the optimizer step, save a checkpoint (the
+    """Ctrl-C, SIGTERM or a closed terminal (SIGHUP) during ``trainer.train()``: finish the optimizer step, save a
+    checkpoint (the
     pruner's state goes with it when this callback comes after :class:`PriLoraCallback`), then raise
     ``KeyboardInterrupt``, so a resumed run loses no step instead of everything since the last save.
 
@@ -123,7 +124,7 @@ class SaveOnInterrupt(TrainerCallback):
     (an all-reduce of one flag, on a CPU group: no GPU synchronisation), and all save the same step.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -137,7 +138,8 @@ class SaveOnInterrupt(TrainerCallback):
     def __enter__(self):
         self.requested = self.stopped = False  # a new train() call: an earlier stop is over
         if self.enabled and threading.current_thread() is threading.main_thread():
-            # A signal the process ignores stays ignored (a shell starts background jobs ignoring SIGINT).
+            # A signal the process ignores stays ignored (a shell starts background jobs ignoring SIGINT;
+            # nohup ignores SIGHUP).
             self._old = {s: signal.signal(s, self._request) for s in self.SIGNALS
                          if signal.getsignal(s) is not signal.SIG_IGN}
         return self
@@ -155,7 +157,11 @@ class SaveOnInterrupt(TrainerCallback):
     def _request(self, signum, frame) -> None:
         if not self.requested:
             self.requested = True
-            print("stopping after this optimizer step, with a checkpoint to resume from", file=sys.stderr, flush=True)
+            try:
+                print("stopping after this optimizer step, with a checkpoint to resume from", file=sys.stderr,
+                      flush=True)
+            except OSError:  # the terminal that closed (SIGHUP) cannot be written to: stop all the same
+                pass
 
     def _agree(self) -> bool:
         """Whether any process was signalled; in a distributed run every process must call this together."""

@@ -401,7 +401,10 @@ class Sweep:
         self._checked = False
 
     def log(self, text: str) -> None:
-        print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
+        try:
+            print(f"sweep {self.settings['name']}: {text}", file=self.stream or sys.stderr, flush=True)
+        except OSError:  # a terminal that closed (SIGHUP): the runs still stop with their checkpoints
+            pass
 
     def folder(self, run: PlannedRun) -> str:
         return os.path.join(self.settings["runs_dir"], run.id)
@@ -758,7 +761,11 @@ def run_sweeps(sweeps: list[Sweep]) -> int:
     def running_of(sweep: Sweep) -> list[PlannedRun]:
         return [r for s, r, _, _ in running.values() if s is sweep]
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT even when ignored: `nohup prilora sweep ... &` is stopped by `kill -INT`. A closed terminal
+    # (SIGHUP) stops it too, unless nohup ignores that.
+    hup = getattr(signal, "SIGHUP", None)
+    hangup = [hup] if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN else []
+    old = {s: signal.signal(s, on_signal) for s in [signal.SIGINT, signal.SIGTERM] + hangup}
     try:
         while stop["signal"] is None:
             live = [s for s in sweeps if s.todo or running_of(s)]
