@@ -345,6 +345,46 @@ def test_a_closed_terminal_stops_the_sweep_and_its_runs_with_checkpoints(tmp_pat
     assert stopped_at >= 20 and not (run_dir / "results.json").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_sweep_leaves_no_run_training(tmp_path, tiny_model_dir, glue_dir):
+    """SIGKILL cannot be handled, so the sweep cannot pass it on: its run gets SIGINT from the kernel as the
+    sweep dies, saves a checkpoint and exits, instead of training on alone in the folder a restarted sweep
+    would then find locked."""
+    import signal
+    import time
+
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, name="long",
+                      stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
+    spec.write_text(spec.read_text().replace("max-steps = 2", "max-steps = 100000\nsave-steps = 20"))
+    run_dir = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0"
+    train_log = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0.log"
+    sweep = subprocess.Popen([sys.executable, "-m", "prilora.cli", "sweep", str(spec)], stderr=subprocess.DEVNULL,
+                             cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint-20").exists():
+            assert sweep.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        sweep.kill()
+        deadline = time.time() + 60
+        while "rerun with --resume to continue" not in train_log.read_text():
+            assert time.time() < deadline, train_log.read_text()
+            time.sleep(0.2)
+    finally:
+        sweep.kill()
+        for pid in os.listdir("/proc"):  # a run left training by a failed check: stopped here
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(run_dir).encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    text = train_log.read_text()
+    assert "stopping after this optimizer step, with a checkpoint to resume from" in text
+    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert stopped_at >= 20 and f"checkpoint-{stopped_at}" in text and not (run_dir / "results.json").exists()
+
+
 def test_time_left_uses_the_same_task_and_method_else_the_task_and_counts_the_rest_apart():
     times = runtimes([{"task": "rte", "method": "lora", "train_runtime_s": 100},
                       {"task": "rte", "method": "lora", "train_runtime_s": 300},

@@ -384,6 +384,25 @@ def exclusive(sweeps: list["Sweep"]):
         yield
 
 
+def _stop_with_parent(parent: int):
+    """For Popen's preexec_fn: on Linux the run gets SIGINT, and saves a checkpoint, when the sweep dies,
+    even by SIGKILL (an OOM kill, ``kill -9``, a CI timeout). Its own session keeps a terminal's Ctrl-C
+    for the sweep to pass on, so without this it would train on alone, holding its folder. Elsewhere: None."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def stop_with_parent():
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the sweep died before the line above
+            os.kill(os.getpid(), signal.SIGINT)
+    return stop_with_parent
+
+
 class Sweep:
     def __init__(self, spec_path: str, jobs: int | None = None, stream=None):
         self.path = spec_path
@@ -618,7 +637,7 @@ class Sweep:
         log.write(f"$ prilora {' '.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "prilora.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
         log.close()
         return proc
 
