@@ -313,36 +313,49 @@ def test_a_failed_run_of_an_earlier_spec_is_made_by_the_later_spec(tmp_path, tin
     assert "sweep two: finished: 2 runs" in err
 
 
-def test_a_closed_terminal_stops_the_sweep_and_its_runs_with_checkpoints(tmp_path, tiny_model_dir, glue_dir):
-    """SIGHUP (the terminal of a sweep started without nohup closed) does what Ctrl-C does: every run
-    saves a checkpoint at the step it stops at, and the sweep exits 130; nothing is left training."""
-    import signal
+def long_run_sweep(tmp_path, tiny_model_dir, glue_dir, **popen):
+    """A sweep of one LoRA run of 100,000 steps, started as a process and returned once that run has saved
+    its first checkpoint (step 20): the run is training, its interrupt handling in place."""
     import time
 
     spec = write_spec(tmp_path, tiny_model_dir, glue_dir, name="long",
                       stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
     spec.write_text(spec.read_text().replace("max-steps = 2", "max-steps = 100000\nsave-steps = 20"))
     run_dir = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0"
+    sweep = subprocess.Popen([sys.executable, "-m", "prilora.cli", "sweep", str(spec)], cwd=ROOT, **popen)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-20").exists():
+        if sweep.poll() is not None or time.time() > deadline:
+            sweep.kill()
+            pytest.fail(f"the sweep exited ({sweep.returncode}) or its run made no checkpoint in 300 s")
+        time.sleep(0.2)
+    return sweep, run_dir
+
+
+def assert_stopped_with_a_checkpoint(run_dir):
+    text = (run_dir.parent / "s0.log").read_text()
+    assert "stopping after this optimizer step, with a checkpoint to resume from" in text
+    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert stopped_at >= 20 and f"checkpoint-{stopped_at}" in text and "rerun with --resume to continue" in text
+    assert not (run_dir / "results.json").exists()
+
+
+def test_a_closed_terminal_stops_the_sweep_and_its_runs_with_checkpoints(tmp_path, tiny_model_dir, glue_dir):
+    """SIGHUP (the terminal of a sweep started without nohup closed) does what Ctrl-C does: every run
+    saves a checkpoint at the step it stops at, and the sweep exits 130; nothing is left training."""
+    import signal
+
     with open(tmp_path / "sweep.log", "w") as log:
-        sweep = subprocess.Popen([sys.executable, "-m", "prilora.cli", "sweep", str(spec)], stderr=log, cwd=ROOT,
-                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as in a terminal
+        sweep, run_dir = long_run_sweep(tmp_path, tiny_model_dir, glue_dir, stderr=log,
+                                        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # a terminal's
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoint-20").exists():  # training, with the callbacks in place
-            assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()
-            time.sleep(0.2)
         sweep.send_signal(signal.SIGHUP)
         assert sweep.wait(timeout=120) == 130
     finally:
-        if sweep.poll() is None:
-            sweep.kill()
+        sweep.kill()
     assert "sweep long: interrupted: 0/1 done; run the same command again to continue" in \
         (tmp_path / "sweep.log").read_text()
-    train_log = (tmp_path / "runs" / "dev" / "rte" / "lora" / "s0.log").read_text()
-    assert "stopping after this optimizer step, with a checkpoint to resume from" in train_log
-    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert f"checkpoint-{stopped_at}" in train_log and "rerun with --resume to continue" in train_log
-    assert stopped_at >= 20 and not (run_dir / "results.json").exists()
+    assert_stopped_with_a_checkpoint(run_dir)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -353,25 +366,14 @@ def test_a_killed_sweep_leaves_no_run_training(tmp_path, tiny_model_dir, glue_di
     import signal
     import time
 
-    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, name="long",
-                      stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
-    spec.write_text(spec.read_text().replace("max-steps = 2", "max-steps = 100000\nsave-steps = 20"))
-    run_dir = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0"
-    train_log = tmp_path / "runs" / "dev" / "rte" / "lora" / "s0.log"
-    sweep = subprocess.Popen([sys.executable, "-m", "prilora.cli", "sweep", str(spec)], stderr=subprocess.DEVNULL,
-                             cwd=ROOT)
+    sweep, run_dir = long_run_sweep(tmp_path, tiny_model_dir, glue_dir, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoint-20").exists():
-            assert sweep.poll() is None and time.time() < deadline
-            time.sleep(0.2)
         sweep.kill()
         deadline = time.time() + 60
-        while "rerun with --resume to continue" not in train_log.read_text():
-            assert time.time() < deadline, train_log.read_text()
+        while "rerun with --resume to continue" not in (run_dir.parent / "s0.log").read_text():
+            assert time.time() < deadline, (run_dir.parent / "s0.log").read_text()
             time.sleep(0.2)
     finally:
-        sweep.kill()
         for pid in os.listdir("/proc"):  # a run left training by a failed check: stopped here
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -379,10 +381,7 @@ def test_a_killed_sweep_leaves_no_run_training(tmp_path, tiny_model_dir, glue_di
                         os.kill(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-    text = train_log.read_text()
-    assert "stopping after this optimizer step, with a checkpoint to resume from" in text
-    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert stopped_at >= 20 and f"checkpoint-{stopped_at}" in text and not (run_dir / "results.json").exists()
+    assert_stopped_with_a_checkpoint(run_dir)
 
 
 def test_time_left_uses_the_same_task_and_method_else_the_task_and_counts_the_rest_apart():
