@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     from .export import AdapterError
     from .glue.data import GlueDataError
     from .glue.report import ReportError
-    from .run_folder import RunError, is_main_process
+    from .run_folder import RunError, is_main_process, stop_with_parent
 
     try:
         args = build_parser().parse_args(argv)
@@ -569,6 +569,7 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        stop_with_parent()
         return COMMANDS[args.command](args)
     except (RunError, GlueDataError, AdapterError, ReportError) as e:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from importlib import metadata
 
@@ -36,6 +37,28 @@ def complete_spec(cls, recorded: dict) -> dict:
     if out.get("prilora"):
         out["prilora"] = json.loads(json.dumps(PriLoraConfig.from_dict(out["prilora"]).to_dict()))
     return out
+
+
+STOP_WITH_ENV = "PRILORA_STOP_WITH_PID"  # set by prilora sweep for its runs: its own process id
+
+
+def stop_with_parent() -> None:
+    """A run that ``prilora sweep`` started gets SIGINT, and saves a checkpoint, when the sweep dies, even
+    by SIGKILL (an OOM kill, ``kill -9``, a CI timeout), on Linux (PR_SET_PDEATHSIG). The run has its own
+    session (the sweep passes a terminal's Ctrl-C on itself), so without this it would train on alone,
+    holding its folder. Set here, after exec: a preexec_fn is unsafe in a process with threads."""
+    parent = os.environ.pop(STOP_WITH_ENV, None)  # not for this run's own children
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the sweep died before the line above
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def is_main_process() -> bool:

@@ -29,7 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..run_folder import RESULTS_FILE, RUN_FILE, RunError, complete_spec, finite_or_none, read_json, unwritable
+from ..run_folder import (RESULTS_FILE, RUN_FILE, STOP_WITH_ENV, RunError, complete_spec, finite_or_none, read_json,
+                          unwritable)
 
 SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
 STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
@@ -384,25 +385,6 @@ def exclusive(sweeps: list["Sweep"]):
         yield
 
 
-def _stop_with_parent(parent: int):
-    """For Popen's preexec_fn: on Linux the run gets SIGINT, and saves a checkpoint, when the sweep dies,
-    even by SIGKILL (an OOM kill, ``kill -9``, a CI timeout). Its own session keeps a terminal's Ctrl-C
-    for the sweep to pass on, so without this it would train on alone, holding its folder. Elsewhere: None."""
-    if not sys.platform.startswith("linux"):
-        return None
-
-    def stop_with_parent():
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the sweep died before the line above
-            os.kill(os.getpid(), signal.SIGINT)
-    return stop_with_parent
-
-
 class Sweep:
     def __init__(self, spec_path: str, jobs: int | None = None, stream=None):
         self.path = spec_path
@@ -632,12 +614,12 @@ class Sweep:
             argv.append("--resume")
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", STOP_WITH_ENV: str(os.getpid())}
         log = open(folder + ".log", "a")
         log.write(f"$ prilora {' '.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "prilora.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
+                                env=env, start_new_session=True)
         log.close()
         return proc
 
