@@ -796,9 +796,9 @@ def run_sweeps(sweeps: list[Sweep]) -> int:
                 sweep.log(f"{len(sweep.done)}/{len(sweep.runs)} done, {len(running_of(sweep))} running, "
                           f"{len(sweep.todo)} waiting" + (f"; {sweep.estimate(left, sweep.done)}" if left else ""))
     finally:
-        for _, run, proc, _ in running.values():
+        for _, _, proc, _ in running.values():
             proc.send_signal(signal.SIGINT)  # prilora train exits cleanly on SIGINT; checkpoints stay
-        for _, run, proc, _ in running.values():
+        for _, _, proc, _ in running.values():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
