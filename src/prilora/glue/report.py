@@ -663,10 +663,11 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
     if os.path.isdir(out):
         raise ReportError(f"--out {out} is a folder: pass the path of the Markdown file to write")
-    for folder in (os.path.dirname(out) or ".", plots_dir):
+    folders = (os.path.dirname(out) or ".", plots_dir)
+    for folder in folders:  # all checked before any is made
         if why := unwritable(folder):
             raise ReportError(f"cannot write to {folder} ({why}): pass --out (or --plots) in a writable folder")
-    for folder in (os.path.dirname(out) or ".", plots_dir):
+    for folder in folders:
         os.makedirs(folder, exist_ok=True)
     fill_majority(lines)
     stale = outdated_runs(lines)
