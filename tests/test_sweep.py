@@ -290,6 +290,31 @@ def test_several_specs_are_all_checked_then_share_the_slots(tmp_path, tiny_model
     assert "sweep one: finished: 1 runs" in err and "sweep two: finished: 2 runs" in err
 
 
+def test_a_results_line_cut_short_by_a_crash_is_left_out_then_mended(tmp_path, tiny_model_dir, glue_dir, capsys):
+    one, _, _ = lora_dev_specs(tmp_path, tiny_model_dir, glue_dir)
+    one.write_text(one.read_text().replace("seed = 0", "seed = [0, 1]"))
+    assert main(["sweep", str(one)]) == 0
+    out = tmp_path / "results" / "one.jsonl"
+    first, second = out.read_text().splitlines(keepends=True)
+    out.write_text(first + second[:60])  # the process died in the middle of appending its second line
+    capsys.readouterr()
+    # Readers leave the cut line out and say so; they change nothing.
+    assert main(["report", str(out), "--out", str(tmp_path / "R.md")]) == 0
+    assert f"prilora: warning: {out}:2: the last line is cut short" in capsys.readouterr().err
+    assert "| lora | " in (tmp_path / "R.md").read_text() and out.read_text() == first + second[:60]
+    # The next sweep moves the fragment aside and appends the run again from its folder: the same line.
+    assert main(["sweep", str(one)]) == 0
+    err = capsys.readouterr().err
+    assert f"sweep one: {out}: its last line was cut short (a write stopped by a crash): moved to {out}.cut" in err
+    assert "started" not in err and "warning" not in err
+    assert out.read_text() == first + second and (tmp_path / "results" / "one.jsonl.cut").read_text() == second[:60] + "\n"
+    # A whole line that lost only its newline keeps its place and gets the newline.
+    out.write_text(first + second.rstrip("\n"))
+    assert main(["sweep", str(one)]) == 0
+    assert "its last line had no newline (a write stopped by a crash): added" in capsys.readouterr().err
+    assert out.read_text() == first + second
+
+
 def test_a_failed_run_of_an_earlier_spec_is_made_by_the_later_spec(tmp_path, tiny_model_dir, glue_dir, capsys,
                                                                   monkeypatch):
     one, two, _ = lora_dev_specs(tmp_path, tiny_model_dir, glue_dir)

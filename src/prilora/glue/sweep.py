@@ -247,23 +247,67 @@ RESULT_KEYS = ("task", "method", "metrics")  # what every reader of a results li
 
 
 def read_lines(path: str) -> list[dict]:
+    """The results lines of ``path``. A last line with no newline that is not JSON is a write cut short (a
+    sweep appending now, or one killed mid-write): it is left out with a warning; the next sweep writing
+    the file mends it (``mend_cut_tail``). A bad line anywhere else is an error."""
     if not os.path.isfile(path):
         return []
-    out = []
     with open(path) as f:
-        for n, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    line = json.loads(text)
-                except json.JSONDecodeError:
-                    raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
-                missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
-                if missing or not isinstance(line["metrics"], dict):
-                    raise SweepError(f"{path}:{n}: not a results line of prilora train (no {(missing or ['metrics'])[0]}"
-                                     "): a results file holds the results.json lines that prilora train and "
-                                     "prilora sweep write")
-                out.append(line)
+        texts = f.read().splitlines(keepends=True)
+    out = []
+    for n, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            if n == len(texts) and not text.endswith("\n"):
+                print(f"prilora: warning: {path}:{n}: the last line is cut short (a sweep writing it now, or one "
+                      "stopped mid-write): left out; the next prilora sweep writing this file mends it",
+                      file=sys.stderr)
+                break
+            raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
+        missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
+        if missing or not isinstance(line["metrics"], dict):
+            raise SweepError(f"{path}:{n}: not a results line of prilora train (no {(missing or ['metrics'])[0]}"
+                             "): a results file holds the results.json lines that prilora train and "
+                             "prilora sweep write")
+        out.append(line)
     return out
+
+
+def mend_cut_tail(path: str) -> str | None:
+    """Make a results file that a crash left mid-append whole again, before a sweep appends to it (an append
+    after a cut line would join the two). A cut last line goes to ``PATH.cut``, nothing is lost: its run's
+    results.json is still in its folder, and the sweep appends it again from there. A complete last line
+    that lacks only its newline gets one. Returns what was done, for the log."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return None
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        try:
+            line = json.loads(tail)
+            whole = isinstance(line, dict) and all(k in line for k in RESULT_KEYS)
+        except ValueError:
+            whole = False
+        if whole:
+            f.write(b"\n")
+        else:
+            with open(path + ".cut", "ab") as cut:
+                cut.write(tail + b"\n")
+                cut.flush()
+                os.fsync(cut.fileno())
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    if whole:
+        return f"{path}: its last line had no newline (a write stopped by a crash): added"
+    return (f"{path}: its last line was cut short (a write stopped by a crash): moved to {path}.cut; "
+            "its run is appended again from its folder")
 
 
 def score_of(line: dict) -> float:
@@ -738,6 +782,9 @@ def run_sweeps(sweeps: list[Sweep]) -> int:
     for sweep in sweeps:
         sweep.check()
         sweep.check_paths()
+    for out, sweep in {s.out: s for s in reversed(sweeps)}.items():  # once per file, logged by its first spec
+        if mended := mend_cut_tail(out):
+            sweep.log(mended)
     for sweep in sweeps:
         sweep.begin()
     running: dict[str, tuple[Sweep, PlannedRun, subprocess.Popen, float]] = {}  # by folder
