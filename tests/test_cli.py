@@ -121,6 +121,57 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
 
 
+def test_a_run_killed_while_saving_resumes_from_its_last_complete_checkpoint(tmp, glue_dir, monkeypatch, capsys):
+    from prilora.pruning import PriLoraPruner
+
+    class Killed(BaseException):
+        """The process dies: nothing after this point runs, no handler catches it."""
+
+    extra = ["--prune-interval", "2", "--save-steps", "2", "--epochs", "2"]  # 12 steps; keep 1 checkpoint
+    assert train(tmp, glue_dir, *extra, out="full") == 0
+    full, cut = tmp["root"] / "full", tmp["root"] / "cut"
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-12"]  # older ones deleted
+    # Killed at step 6, after Trainer wrote its files into checkpoint-6 and before the pruner's state went in.
+    real_save = PriLoraPruner.save
+
+    def save(self, folder):
+        if folder.endswith("checkpoint-6"):
+            raise Killed
+        return real_save(self, folder)
+
+    monkeypatch.setattr(PriLoraPruner, "save", save)
+    with pytest.raises(Killed):
+        train(tmp, glue_dir, *extra, out="cut")
+    # checkpoint-4 is still there: Trainer's own rotation (save_total_limit) deletes it before the callbacks save
+    # into checkpoint-6, and would have left nothing complete to resume from.
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (cut / "checkpoint-6" / "optimizer.pt").exists() and not (cut / "checkpoint-6" / "prilora_pruner.safetensors").exists()
+    monkeypatch.setattr(PriLoraPruner, "save", real_save)
+    capsys.readouterr()
+    assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
+    assert f"prilora: checkpoint-6 in {cut} is incomplete (the run was stopped while saving): resuming from " \
+           "checkpoint-4" in capsys.readouterr().err
+    assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-12"]
+
+
+def test_the_checkpoint_resumed_from_is_the_newest_complete_one_by_step(tmp_path, capsys):
+    from prilora.run_folder import last_checkpoint
+
+    for name, files in (("checkpoint-2", 2), ("checkpoint-10", 2), ("checkpoint-12", 1), ("checkpoint-99x", 2)):
+        (tmp_path / name).mkdir()
+        for f in ("trainer_state.json", "prilora_runtime.json")[:files]:
+            (tmp_path / name / f).write_text("{}")
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # by step, not by name
+    assert capsys.readouterr().err == f"prilora: checkpoint-12 in {tmp_path} is incomplete (the run was stopped " \
+        "while saving): resuming from checkpoint-10\n"
+    for name in ("checkpoint-2", "checkpoint-10"):
+        shutil.rmtree(tmp_path / name)
+    assert last_checkpoint(str(tmp_path)) is None
+    assert capsys.readouterr().err == f"prilora: checkpoint-12 in {tmp_path} is incomplete (the run was stopped " \
+        "while saving): no complete checkpoint, starting over\n"
+
+
 def assert_resumed_as_uninterrupted(tmp, checkpoint):
     """The resumed run "cut" ends with the adapter and results of the uninterrupted run "full"."""
     full, cut = tmp["root"] / "full", tmp["root"] / "cut"

@@ -331,7 +331,8 @@ def test_other_processes_leave_the_folder_checks_to_rank_0(tmp_path, monkeypatch
 
     (tmp_path / "run.json").write_text("{}")
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    for name in ("trainer_state.json", "prilora_runtime.json"):  # a complete checkpoint
+        (tmp_path / "checkpoint-4" / name).write_text("{}")
     monkeypatch.setenv("RANK", "1")
     assert check_output_dir(RunPaths(output_dir=str(tmp_path), data_dir=None), spec=None) == (False, None)
     assert check_output_dir(RunPaths(output_dir=str(tmp_path), data_dir=None, resume=True), spec=None) == \

@@ -1,9 +1,11 @@
-"""Transformers Trainer glue: a thin callback over the pruner's plain-loop methods, and a callback that
-turns Ctrl-C into a checkpoint."""
+"""Transformers Trainer glue: a thin callback over the pruner's plain-loop methods, and the runners'
+callbacks that make checkpoints safe to resume from: the training clock, the deletion of old checkpoints
+once a new one is complete, and Ctrl-C turned into a checkpoint."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -13,9 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .pruning import STATE_FILE, PriLoraPruner
-from .run_folder import read_json, write_json_atomic
-
-RUNTIME_FILE = "prilora_runtime.json"
+from .run_folder import RUNTIME_FILE, checkpoint_complete, checkpoint_steps, read_json, write_json_atomic
 
 
 def checkpoint_folder(args, state) -> str:
@@ -106,6 +106,34 @@ class TrainingClock(TrainerCallback):
         folder = checkpoint_folder(args, state)
         if state.is_world_process_zero and os.path.isdir(folder):
             write_json_atomic(os.path.join(folder, RUNTIME_FILE), {"train_runtime_s": round(self.elapsed(), 2)})
+        return control
+
+
+class KeepCheckpoints(TrainerCallback):
+    """Trainer's own ``save_total_limit`` deletes the older checkpoints before the callbacks have saved into
+    the new one, so a run killed then would have no complete checkpoint to resume from. This callback,
+    registered after :class:`TrainingClock` (whose file completes a checkpoint), deletes them only once the
+    new one is complete, keeping the newest ``keep`` (0: all). At the start of a resumed run it also deletes
+    checkpoints beyond the step it resumes from: what is left of a save cut short."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            for step, folder in checkpoint_steps(args.output_dir).items():
+                if step > state.global_step:
+                    shutil.rmtree(folder, ignore_errors=True)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.keep or not state.is_world_process_zero or not checkpoint_complete(checkpoint_folder(args, state)):
+            return control
+        steps = checkpoint_steps(args.output_dir)
+        complete = [step for step, folder in steps.items() if checkpoint_complete(folder)]
+        for step, folder in steps.items():
+            if step < state.global_step and step not in complete[-self.keep:]:
+                shutil.rmtree(folder, ignore_errors=True)
         return control
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .architectures import ENCODER_MODEL_TYPES
-from .callback import PriLoraCallback, SaveOnInterrupt, TrainingClock
+from .callback import KeepCheckpoints, PriLoraCallback, SaveOnInterrupt, TrainingClock
 from .config import PriLoraConfig
 from .model import build_lora_config, get_prilora_model, parameter_counts
 from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, holding_output_dir,
@@ -171,16 +171,19 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         gradient_accumulation_steps=paths.gradient_accumulation, per_device_eval_batch_size=micro, warmup_steps=warmup, weight_decay=spec.weight_decay,
         lr_scheduler_type="linear", eval_strategy="no",
         save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
-        save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        save_total_limit=None,  # KeepCheckpoints deletes old ones, once a new one is complete
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False, report_to=[], disable_tqdm=paths.quiet,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
-    clock, interrupt = TrainingClock(resume_from), SaveOnInterrupt()  # last: its checkpoint holds the others' files
+    # In this order: the clock's file completes a checkpoint, then older ones go; the interrupt's checkpoint
+    # holds all the others' files.
+    clock, keeper, interrupt = TrainingClock(resume_from), KeepCheckpoints(paths.keep_checkpoints), SaveOnInterrupt()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=[PriLoraCallback(pruner), clock, interrupt])
+                      callbacks=[PriLoraCallback(pruner), clock, keeper, interrupt])
     wait_for_main_process()  # the output folder exists before any process trains
     if main:
         print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "

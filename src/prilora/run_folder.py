@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from importlib import metadata
@@ -135,13 +136,11 @@ def unwritable(folder: str) -> str | None:
 def check_output_dir(paths, spec) -> tuple[bool, str | None]:
     """Check the output folder against the request, changing nothing yet (a run that then fails on
     its data or model loses nothing). Returns (replace the folder?, checkpoint to resume from)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = paths.output_dir
     if not is_main_process():
         # Rank 0 checks and prepares the folder (and may already have written run.json): the other
         # processes only need the checkpoint to resume from; a refusal on rank 0 stops them all.
-        return False, get_last_checkpoint(out) if paths.resume and os.path.isdir(out) else None
+        return False, last_checkpoint(out) if paths.resume and os.path.isdir(out) else None
     run_file, results_file = os.path.join(out, RUN_FILE), os.path.join(out, RESULTS_FILE)
     if os.path.isfile(out):
         raise RunError(f"--output-dir {out} is a file: pass a folder")
@@ -164,7 +163,7 @@ def check_output_dir(paths, spec) -> tuple[bool, str | None]:
         detail = "; ".join(f"{k}: {started.get(k)} -> {wanted.get(k)}" for k in changed)
         raise RunError(f"cannot resume {out}: it was started with other settings ({detail}); "
                        "resume with the same flags, or pass --overwrite to start over")
-    return False, get_last_checkpoint(out)
+    return False, last_checkpoint(out)
 
 
 @contextlib.contextmanager
@@ -254,6 +253,41 @@ def finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # Trainer's checkpoint folders
+RUNTIME_FILE = "prilora_runtime.json"  # the time trained up to a checkpoint; the last file it gets
+
+
+def checkpoint_steps(out: str) -> dict[int, str]:
+    """The checkpoint folders in ``out`` by optimizer step."""
+    found = {}
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        match = CHECKPOINT_NAME.fullmatch(name)
+        if match and os.path.isdir(os.path.join(out, name)):
+            found[int(match.group(1))] = os.path.join(out, name)
+    return dict(sorted(found.items()))
+
+
+def checkpoint_complete(folder: str) -> bool:
+    """Whether saving ``folder`` finished. Trainer writes trainer_state.json last of its files, then the
+    callbacks write theirs (the pruner's state), the clock's prilora_runtime.json last of all (the runners
+    register it after the others): a run killed while saving leaves a checkpoint without it."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in ("trainer_state.json", RUNTIME_FILE))
+
+
+def last_checkpoint(out: str) -> str | None:
+    """The newest complete checkpoint in ``out``: resuming from one cut short by a kill (its optimizer state
+    or pruner state missing or half written) would fail or go wrong. Newer incomplete ones are named."""
+    steps = checkpoint_steps(out)
+    complete = [step for step, folder in steps.items() if checkpoint_complete(folder)]
+    chosen = complete[-1] if complete else -1
+    cut = [os.path.basename(folder) for step, folder in steps.items() if step > chosen]
+    if cut and is_main_process():
+        print(f"prilora: {', '.join(cut)} in {out} {'is' if len(cut) == 1 else 'are'} incomplete (the run was "
+              "stopped while saving): " + (f"resuming from {os.path.basename(steps[chosen])}" if complete else
+                                           "no complete checkpoint, starting over"), file=sys.stderr, flush=True)
+    return steps[chosen] if complete else None
 
 
 def read_json(path: str) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..callback import PriLoraCallback, SaveOnInterrupt, TrainingClock
+from ..callback import KeepCheckpoints, PriLoraCallback, SaveOnInterrupt, TrainingClock
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
@@ -244,7 +244,8 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         gradient_accumulation_steps=paths.gradient_accumulation, per_device_eval_batch_size=paths.eval_batch_size, warmup_steps=warmup, weight_decay=recipe.weight_decay,
         lr_scheduler_type="linear", eval_strategy="no",
         save_strategy="steps" if paths.save_steps else "epoch", save_steps=paths.save_steps or 500,
-        save_total_limit=paths.keep_checkpoints or None, logging_steps=max(1, steps_per_epoch // 5),
+        save_total_limit=None,  # KeepCheckpoints deletes old ones, once a new one is complete
+        logging_steps=max(1, steps_per_epoch // 5),
         logging_nan_inf_filter=False,  # a non-finite loss must show in the log: it marks a collapsed run
         report_to=[], disable_tqdm=paths.quiet, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
@@ -254,10 +255,12 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     )
     collator = DataCollatorWithPadding(tokenizer)
     world = launched_world_size()
-    clock, interrupt = TrainingClock(resume_from), SaveOnInterrupt()  # last: its checkpoint holds the others' files
+    # In this order: the clock's file completes a checkpoint, then older ones go; the interrupt's checkpoint
+    # holds all the others' files.
+    clock, keeper, interrupt = TrainingClock(resume_from), KeepCheckpoints(paths.keep_checkpoints), SaveOnInterrupt()
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(tokenizer, train_split, recipe.max_seq_length),
-        data_collator=collator, callbacks=callbacks + [clock, interrupt],
+        data_collator=collator, callbacks=callbacks + [clock, keeper, interrupt],
     )
     # The classifiers accept num_items_in_batch but ignore it (their loss is a per-batch mean): without this,
     # Trainer would skip dividing by the micro-batches and scale gradients by --gradient-accumulation.
