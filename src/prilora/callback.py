@@ -60,7 +60,8 @@ class PriLoraCallback(TrainerCallback):
             if not os.path.isfile(os.path.join(folder, STATE_FILE)):
                 raise FileNotFoundError(
                     f"resuming at optimizer step {state.global_step} but {folder} holds no {STATE_FILE}: "
-                    "pass PriLoraCallback(pruner, resume_from=<checkpoint folder>)"
+                    "pass PriLoraCallback(pruner, resume_from=<checkpoint folder>), or, if the run was killed "
+                    "while saving this checkpoint, resume from the one before it"
                 )
             self.pruner.load(folder)
         return control
