@@ -45,6 +45,20 @@ def test_report_tables_are_recomputed_from_the_lines(tmp_path, capsys):
     rows.append(line("cola", "lora", 0, 0.3, stage="lr", lr=5e-4, holdout=0.1))  # one of three grid values
     assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
     assert "| cola | lora | **0.0005: 30.00 (1)** | 0.0005 so far (grid unfinished) |" in out.read_text()
+    # A best value at the grid's end, in a stage whose spec grows its grid (grow-edges): not the choice yet.
+    spec = tmp_path / "study.toml"
+    spec.write_text('name = "study"\n[variants.lora]\nmethod = "lora"\n[[stages]]\nname = "lr"\ntask = "mrpc"\n'
+                    'seed = 0\nholdout = 0.1\ngrow-edges = 1\nlearning-rate = [5e-4, 1e-3, 2e-3]\n')
+    for row in rows:
+        row["sweep"]["spec"] = str(spec)
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    assert ("| mrpc | lora | **0.0005: 82.00 (1)** · 0.001: 80.00 (1) · 0.002: - (0) [1 collapsed] | 0.0005 so far "
+            "(at the grid's end: 0.00025 runs next) |") in out.read_text()
+    grown = line("mrpc", "lora", 0, 0.81, stage="lr", lr=2.5e-4, holdout=0.1)
+    grown["sweep"].update(grown=True, spec=str(spec))
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows + [grown])), "--out", str(out)]) == 0
+    assert ("| mrpc | lora | 0.00025: 81.00 (1) · **0.0005: 82.00 (1)** · 0.001: 80.00 (1) · 0.002: - (0) "
+            "[1 collapsed] | 0.0005 (grid grown by 0.00025) |") in out.read_text()
     # MRPC's F1 beside its accuracy, over the same runs (collapsed ones left out).
     f1 = [0.85, 0.84, 0.86]
     assert f"| prilora | {statistics.fmean(f1) * 100:.2f} ± {statistics.stdev(f1) * 100:.2f} (3) |" in text

@@ -23,7 +23,8 @@ import sys
 from collections import Counter, defaultdict
 
 from ..run_folder import unwritable
-from .sweep import Sweep, describe_left, read_lines, score_of, seconds_left, select_values, study_progress
+from .sweep import (Sweep, describe_left, growth_limit, next_edge, read_lines, score_of, seconds_left, select_values,
+                    study_progress)
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -399,7 +400,13 @@ def selection_table(lines: list[dict]) -> list[str]:
         grid = {x["sweep"]["axes"].get(key) for x in lines  # this method's grid in its spec, before any growth
                 if group_key(x)[1] == variant and x["sweep"].get("name") in specs and not x["sweep"].get("grown")}
         complete = grid <= set(values)
-        choice = _value(chosen[key]) if complete else f"{_value(chosen[key])} so far (grid unfinished)"
+        record = glines[0]["sweep"]
+        limit = growth_limit(record["spec"], record["stage"]) if len(specs) == 1 and record.get("spec") else 0
+        beyond = next_edge(values, chosen[key], sum(bool(x["sweep"].get("grown")) for x in glines),
+                           len({x["seed"] for x in glines}), limit)
+        choice = _value(chosen[key]) if complete and beyond is None else \
+            f"{_value(chosen[key])} so far (grid unfinished)" if beyond is None else \
+            f"{_value(chosen[key])} so far (at the grid's end: {_value(beyond)} runs next)"
         grown = [v for v in values if any(x["sweep"].get("grown") for x in glines if x["sweep"]["axes"].get(key) == v)]
         if grown:
             choice += f" (grid grown by {', '.join(_value(v) for v in grown)})"

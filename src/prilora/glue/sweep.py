@@ -310,6 +310,22 @@ def mend_cut_tail(path: str) -> str | None:
             "its run is appended again from its folder")
 
 
+def next_edge(grid: list, chosen, grown: int, seeds: int, limit: int):
+    """The value ``grow-edges = limit`` adds to a sorted grid whose best value is ``chosen``: twice (half) the
+    largest (smallest) when that one is chosen, while fewer than ``limit`` values were added; else None."""
+    if not limit or grown >= limit * seeds or len(grid) < 2 or chosen not in (grid[0], grid[-1]):
+        return None
+    return grid[-1] * 2 if chosen == grid[-1] else grid[0] / 2
+
+
+def growth_limit(spec_path: str, stage: str) -> int:
+    """A stage's ``grow-edges`` in its spec; 0 where the spec cannot be read (a report from results alone)."""
+    try:
+        return plan(load_spec_file(spec_path), spec_path)[0]["grow"].get(stage, 0)
+    except SweepError:
+        return 0
+
+
 def score_of(line: dict) -> float:
     """Collapsed runs and missing scores rank below everything."""
     s = (line.get("metrics") or {}).get("score")
@@ -507,14 +523,15 @@ class Sweep:
         """With ``grow-edges = N`` on the source stage: when the chosen value is the largest (smallest) of
         the grid so far, plan runs at twice (half) that value, at most N per task and variant. True when
         runs were added, so that the selecting run waits for them."""
-        limit = self.settings["grow"].get(stage, 0)
-        if not limit or len(keys) != 1 or sum(r.grown for r in source) >= limit * len({r.seed for r in source}):
+        if len(keys) != 1:
             return False
         key = keys[0]
-        grid = sorted({r.flags[key] for r in source})
-        if len(grid) < 2 or choice[key] not in (grid[0], grid[-1]):
+        value = next_edge(sorted({r.flags[key] for r in source}), choice[key], sum(r.grown for r in source),
+                          len({r.seed for r in source}), self.settings["grow"].get(stage, 0))
+        if value is None:
             return False
-        value = grid[-1] * 2 if choice[key] == grid[-1] else grid[0] / 2
+        grid = sorted({r.flags[key] for r in source})
+        limit = self.settings["grow"][stage]
         at = self.runs.index(source[-1]) + 1
         planned_before = at
         for template in {r.seed: r for r in source}.values():
