@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -169,6 +170,30 @@ def test_export_bad_input(llama_adapter, tmp_path, capsys):
     assert err.startswith(f"prilora export: error: {weights} cannot be read (") and \
         err.endswith("): the file is damaged or cut short; save or export the adapter again")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["sparse", "merged"])
+def test_an_interrupted_export_leaves_nothing_and_can_be_run_again(llama_adapter, tmp_path, capsys, monkeypatch, kind):
+    import prilora.export
+    from transformers import PreTrainedModel
+
+    def save_then_stop(real):
+        def save(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt  # Ctrl-C once the weights are written, before the rest
+        return save
+
+    if kind == "sparse":
+        monkeypatch.setattr(prilora.export, "save_file", save_then_stop(prilora.export.save_file))
+    else:
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_stop(PreTrainedModel.save_pretrained))
+    src, out = llama_adapter["root"] / "adapter", tmp_path / "deep" / "o"
+    assert run(capsys, "export", kind, str(src), "--out", str(out)) == (
+        130, "", f"prilora export: interrupted; nothing was written to {out}")
+    assert os.listdir(tmp_path / "deep") == []  # no half-written folder, no temporary one
+    monkeypatch.undo()
+    assert run(capsys, "export", kind, str(src), "--out", str(out))[0] == 0
+    assert (out / ("adapter_model.sparse.safetensors" if kind == "sparse" else "model.safetensors")).is_file()
 
 
 def test_inspect_reads_ranks_and_sparsity_from_the_file(llama_adapter, tmp_path, capsys):

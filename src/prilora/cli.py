@@ -577,7 +577,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         if not is_main_process():  # under torchrun, rank 0 speaks for all
             return 130
-        out = getattr(args, "output_dir", None)
+        if args.command not in ("train", "train-clm"):  # no checkpoints to point at
+            where = f"; nothing was written to {args.out}" if args.command == "export" else ""  # see new_folder
+            print(f"prilora {args.command}: interrupted{where}", file=sys.stderr)
+            return 130
+        out = args.output_dir
         when = f" {e}" if str(e) else ""  # SaveOnInterrupt says after which step, and where it saved
         print(f"prilora {args.command}: interrupted{when}; checkpoints stay in {out}: rerun with --resume to continue",
               file=sys.stderr)

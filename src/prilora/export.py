@@ -9,6 +9,7 @@ values in row-major order; ``to_dense`` turns it back into the identical PEFT ad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,23 @@ def check_new_folder(path: str) -> None:
         raise AdapterError(f"--out {path} exists and is not empty: choose a new folder")
     if why := unwritable(path):
         raise AdapterError(f"--out {path} cannot be written ({why}): choose another folder")
+
+
+@contextlib.contextmanager
+def new_folder(out: str):
+    """A folder to write ``out``'s files into, renamed to ``out`` once all are written. An export stopped
+    midway (Ctrl-C, a full disk, a merge check that fails) leaves nothing under ``out``: a half-written
+    adapter that loads would be worse than none, and would block the next try ("exists and is not empty")."""
+    check_new_folder(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
+    try:
+        yield tmp
+        os.rename(tmp, out)  # over an empty folder too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], bool]:
@@ -122,11 +140,11 @@ def to_sparse(adapter: str, out: str) -> dict:
     config, tensors, sparse = read_adapter(adapter)
     if sparse:
         raise AdapterError(f"{adapter} is already sparse ({SPARSE_WEIGHTS})")
-    check_new_folder(out)
     packed, shapes = pack_sparse(tensors)
-    os.makedirs(out, exist_ok=True)
-    save_file(packed, os.path.join(out, SPARSE_WEIGHTS), metadata={"format": SPARSE_FORMAT, "shapes": json.dumps(shapes)})
-    _copy_side_files(adapter, out, skip=(DENSE_WEIGHTS, "adapter_model.bin"))
+    with new_folder(out) as folder:
+        save_file(packed, os.path.join(folder, SPARSE_WEIGHTS),
+                  metadata={"format": SPARSE_FORMAT, "shapes": json.dumps(shapes)})
+        _copy_side_files(adapter, folder, skip=(DENSE_WEIGHTS, "adapter_model.bin"))
     lora = {k: v for k, v in tensors.items() if ".lora_" in k}
     lora_packed = {k: v for k, v in packed.items() if ".lora_" in k}
     return {"dense_file_bytes": os.path.getsize(os.path.join(adapter, DENSE_WEIGHTS))
@@ -139,10 +157,9 @@ def to_sparse(adapter: str, out: str) -> dict:
 def to_dense(adapter: str, out: str) -> dict:
     """Write ``out`` as a standard PEFT adapter folder (from a sparse or a dense one)."""
     config, tensors, _ = read_adapter(adapter)
-    check_new_folder(out)
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, DENSE_WEIGHTS), metadata={"format": "pt"})
-    _copy_side_files(adapter, out, skip=(SPARSE_WEIGHTS, DENSE_WEIGHTS, "adapter_model.bin"))
+    with new_folder(out) as folder:
+        save_file(tensors, os.path.join(folder, DENSE_WEIGHTS), metadata={"format": "pt"})
+        _copy_side_files(adapter, folder, skip=(SPARSE_WEIGHTS, DENSE_WEIGHTS, "adapter_model.bin"))
     return {"dense_file_bytes": os.path.getsize(os.path.join(out, DENSE_WEIGHTS))}
 
 
@@ -236,12 +253,12 @@ def to_merged(adapter: str, out: str, base: str | None = None) -> dict:
     scale = before.abs().max().item()
     if not diff <= 1e-4 * max(1.0, scale):
         raise AdapterError(f"merging changed the logits by {diff:.3g} (scale {scale:.3g}): not saved")
-    os.makedirs(out, exist_ok=True)
-    merged.save_pretrained(out)
-    for source in (adapter, base):
-        if os.path.isfile(os.path.join(source, "tokenizer_config.json")):
-            from transformers import AutoTokenizer
+    with new_folder(out) as folder:
+        merged.save_pretrained(folder)
+        for source in (adapter, base):
+            if os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+                from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(source).save_pretrained(out)
-            break
+                AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+                break
     return {"base": base, "max_abs_logit_diff": diff, "params": sum(p.numel() for p in merged.parameters())}
