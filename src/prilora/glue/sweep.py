@@ -17,6 +17,7 @@ value sits at an end): the runs that select from it then follow the new choice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -318,6 +319,7 @@ def next_edge(grid: list, chosen, grown: int, seeds: int, limit: int):
     return grid[-1] * 2 if chosen == grid[-1] else grid[0] / 2
 
 
+@functools.lru_cache(maxsize=None)  # a report asks once per task and method
 def growth_limit(spec_path: str, stage: str) -> int:
     """A stage's ``grow-edges`` in its spec; 0 where the spec cannot be read (a report from results alone)."""
     try:
@@ -525,13 +527,11 @@ class Sweep:
         runs were added, so that the selecting run waits for them."""
         if len(keys) != 1:
             return False
-        key = keys[0]
-        value = next_edge(sorted({r.flags[key] for r in source}), choice[key], sum(r.grown for r in source),
-                          len({r.seed for r in source}), self.settings["grow"].get(stage, 0))
+        key, limit = keys[0], self.settings["grow"].get(stage, 0)
+        grid = sorted({r.flags[key] for r in source})
+        value = next_edge(grid, choice[key], sum(r.grown for r in source), len({r.seed for r in source}), limit)
         if value is None:
             return False
-        grid = sorted({r.flags[key] for r in source})
-        limit = self.settings["grow"][stage]
         at = self.runs.index(source[-1]) + 1
         planned_before = at
         for template in {r.seed: r for r in source}.values():
