@@ -1,7 +1,7 @@
 """``prilora`` command line. Thin: parses flags, builds a RunSpec, hands it to the GLUE runner.
 
-Bad input ends with one line on stderr and exit code 2; an interrupted run with a pointer
-to ``--resume`` and exit code 130.
+Bad input ends with one line on stderr and exit code 2; a failure of the machine (a full disk) with one
+line and exit code 1; an interrupted run with a pointer to ``--resume`` and exit code 130.
 """
 
 from __future__ import annotations
