@@ -194,6 +194,8 @@ def test_an_interrupted_export_leaves_nothing_and_can_be_run_again(llama_adapter
     monkeypatch.undo()
     assert run(capsys, "export", kind, str(src), "--out", str(out))[0] == 0
     assert (out / ("adapter_model.sparse.safetensors" if kind == "sparse" else "model.safetensors")).is_file()
+    (tmp_path / "plain").mkdir()  # readable by others as any folder made here, for a server running as another user
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_inspect_reads_ranks_and_sparsity_from_the_file(llama_adapter, tmp_path, capsys):

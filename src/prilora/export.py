@@ -49,6 +49,9 @@ def new_folder(out: str):
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it, not mkdtemp's owner-only 0o700
     try:
         yield tmp
         os.rename(tmp, out)  # over an empty folder too (POSIX rename)
