@@ -575,10 +575,10 @@ def main(argv=None) -> int:
         print(f"prilora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not the input: a full disk, a folder removed meanwhile
-        if is_main_process():
-            resume = f"; checkpoints stay in {args.output_dir}: rerun with --resume once fixed" \
-                if args.command in ("train", "train-clm") else ""
-            print(f"prilora {args.command}: error: {e}{resume}", file=sys.stderr)
+        rank = "" if is_main_process() else f" (rank {os.environ.get('RANK')})"  # it may have hit one process only
+        resume = f"; checkpoints stay in {args.output_dir}: rerun with --resume once fixed" \
+            if args.command in ("train", "train-clm") else ""
+        print(f"prilora {args.command}{rank}: error: {e}{resume}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if not is_main_process():  # under torchrun, rank 0 speaks for all
