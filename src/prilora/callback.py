@@ -128,10 +128,12 @@ class KeepCheckpoints(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.keep or not state.is_world_process_zero or not checkpoint_complete(checkpoint_folder(args, state)):
+        if not self.keep or not state.is_world_process_zero:
             return control
         steps = checkpoint_steps(args.output_dir)
         complete = [step for step, folder in steps.items() if checkpoint_complete(folder)]
+        if state.global_step not in complete:  # the new one is not complete: keep everything
+            return control
         for step, folder in steps.items():
             if step < state.global_step and step not in complete[-self.keep:]:
                 shutil.rmtree(folder, ignore_errors=True)

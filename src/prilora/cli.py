@@ -557,6 +557,9 @@ def cmd_sweep(args) -> int:
         return run_sweeps(sweeps)
 
 
+TRAINING_COMMANDS = ("train", "train-clm")  # the ones with checkpoints to point at
+
+
 def main(argv=None) -> int:
     from .export import AdapterError
     from .glue.data import GlueDataError
@@ -577,13 +580,13 @@ def main(argv=None) -> int:
     except OSError as e:  # the machine, not the input: a full disk, a folder removed meanwhile
         rank = "" if is_main_process() else f" (rank {os.environ.get('RANK')})"  # it may have hit one process only
         resume = f"; checkpoints stay in {args.output_dir}: rerun with --resume once fixed" \
-            if args.command in ("train", "train-clm") else ""
+            if args.command in TRAINING_COMMANDS else ""
         print(f"prilora {args.command}{rank}: error: {e}{resume}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if not is_main_process():  # under torchrun, rank 0 speaks for all
             return 130
-        if args.command not in ("train", "train-clm"):  # no checkpoints to point at
+        if args.command not in TRAINING_COMMANDS:  # no checkpoints to point at
             where = f"; nothing was written to {args.out}" if args.command == "export" else ""  # see new_folder
             print(f"prilora {args.command}: interrupted{where}", file=sys.stderr)
             return 130

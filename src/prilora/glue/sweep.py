@@ -247,6 +247,12 @@ def spec_of_result(line: dict) -> dict:
 RESULT_KEYS = ("task", "method", "metrics")  # what every reader of a results line relies on
 
 
+def missing_result_key(line) -> str | None:
+    """The first thing a parsed line lacks to be a results line (a key, or ``metrics`` as a dict); None if whole."""
+    missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
+    return missing[0] if missing else None if isinstance(line["metrics"], dict) else "metrics"
+
+
 def read_lines(path: str) -> list[dict]:
     """The results lines of ``path``. A last line with no newline that is not JSON is a write cut short (a
     sweep appending now, or one killed mid-write): it is left out with a warning; the next sweep writing
@@ -268,9 +274,8 @@ def read_lines(path: str) -> list[dict]:
                       file=sys.stderr)
                 break
             raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
-        missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
-        if missing or not isinstance(line["metrics"], dict):
-            raise SweepError(f"{path}:{n}: not a results line of prilora train (no {(missing or ['metrics'])[0]}"
+        if missing := missing_result_key(line):
+            raise SweepError(f"{path}:{n}: not a results line of prilora train (no {missing}"
                              "): a results file holds the results.json lines that prilora train and "
                              "prilora sweep write")
         out.append(line)
@@ -291,8 +296,7 @@ def mend_cut_tail(path: str) -> str | None:
         start = data.rfind(b"\n") + 1
         tail = data[start:]
         try:
-            line = json.loads(tail)
-            whole = isinstance(line, dict) and all(k in line for k in RESULT_KEYS)
+            whole = missing_result_key(json.loads(tail)) is None
         except ValueError:
             whole = False
         if whole:
