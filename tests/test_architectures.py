@@ -109,6 +109,12 @@ def test_layer_pattern_that_misreads_layers():
         get_prilora_model(tiny_bert(12), PriLoraConfig(target_modules=["query"], layer_pattern=r"layer\.(\d)"))
 
 
+def test_layer_pattern_that_captures_no_number():
+    with pytest.raises(ValueError, match=r"layer_pattern '\(layer\)' captures 'layer' from module "
+                                         r"'bert.encoder.layer.0.attention.self.query', not a layer number"):
+        get_prilora_model(tiny_bert(), PriLoraConfig(target_modules=["query"], layer_pattern="(layer)"))
+
+
 def test_concentrated_schedule_leaves_bottom_layers_unadapted():
     peft_model, pruner = get_prilora_model(tiny_bert(4), PriLoraConfig(rank_schedule="concentrated"))
     assert peft_model.prilora_ranks == [0, 0, 16, 16]

@@ -121,6 +121,23 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
 
 
+def test_a_checkpoint_damaged_on_disk_is_passed_over_for_the_one_before(tmp, glue_dir, capsys):
+    extra = ["--save-steps", "2", "--keep-checkpoints", "0", "--epochs", "2", "--prune-interval", "2"]
+    assert train(tmp, glue_dir, *extra, out="full") == 0
+    full, cut = tmp["root"] / "full", tmp["root"] / "cut"
+    cut.mkdir()
+    for name in ("run.json", "checkpoint-4", "checkpoint-6"):
+        src = full / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
+    optimizer = cut / "checkpoint-6" / "optimizer.pt"  # complete when written, cut short on disk since
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
+    assert f"prilora: checkpoint-6 in {cut} is damaged (optimizer.pt: File is not a zip file): resuming from " \
+           "checkpoint-4\n" in capsys.readouterr().err
+    assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
+
+
 class Killed(BaseException):
     """The process dies: nothing after this point runs, no handler catches it."""
 
@@ -174,6 +191,22 @@ def test_the_checkpoint_resumed_from_is_the_newest_complete_one_by_step(tmp_path
     assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # by step, not by name
     assert capsys.readouterr().err == f"prilora: checkpoint-12 in {tmp_path} is incomplete (the run was stopped " \
         "while saving): resuming from checkpoint-10\n"
+    # Complete, but a file damaged on disk since: each kind of file is read back.
+    for name, text in (("trainer_state.json", "{"), ("scheduler.pt", "PK\x03\x04 not a whole archive"),
+                       ("adapter_model.safetensors", "\x08\x00\x00\x00\x00\x00\x00\x00{}")):
+        path = tmp_path / "checkpoint-10" / name
+        path.write_text(text)
+        assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+        err = capsys.readouterr().err
+        assert err.startswith(f"prilora: checkpoint-10 in {tmp_path} is damaged ({name}: ") and err.endswith(
+            f"); checkpoint-12 in {tmp_path} is incomplete (the run was stopped while saving): resuming from "
+            "checkpoint-2\n") and err.count("\n") == 1, err
+        if name.endswith(".json"):
+            path.write_text("{}")  # whole again
+        else:
+            path.unlink()
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    capsys.readouterr()
     for name in ("checkpoint-2", "checkpoint-10"):
         shutil.rmtree(tmp_path / name)
     assert last_checkpoint(str(tmp_path)) is None
@@ -492,6 +525,10 @@ def test_diverged_run_is_marked_collapsed_with_strict_json(tmp, glue_dir, capsys
     (["--cls-dropout", "1"], "--cls-dropout must be in [0, 1), got 1.0"),
     (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
     (["--holdout", "-3"], "--holdout must be > 0 (a count, or a fraction below 1), got -3"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+    (["--layer-pattern", "["], "layer_pattern '[' is not a valid regex (unterminated character set at position 0): "
+                               r"pass a regex whose first group captures the layer index; the default is "
+                               r"(?:^|\.)(?:layer|layers|h)\.(\d+)\."),
 ])
 def test_bad_recipe_values(tmp, glue_dir, capsys, flags, message):
     assert error_of(capsys, train(tmp, glue_dir, *flags)) == f"prilora train: error: {message}"

@@ -37,6 +37,11 @@ from prilora import PriLoraConfig
         (dict(lora_kwargs={"use_rslora": True}), "lora_kwargs sets 'use_rslora', which PriLoraConfig controls"),
         (dict(lora_kwargs={"rank": 8}), "lora_kwargs has 'rank', which is not a field of peft.LoraConfig"),
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+        (dict(layer_pattern="["), r"layer_pattern '\[' is not a valid regex \(unterminated character set at position 0\)"),
+        (dict(layer_pattern=r"layers\.\d+"), r"layer_pattern 'layers\\\\.\\\\d\+' must have a capture group for the layer index"),
+        (dict(layer_pattern=3), "layer_pattern must be a regex string, got 3"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32 - 1\], got -1"),
+        (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32 - 1\], got 4294967296"),
     ],
 )
 def test_bad_config(kwargs, message):

@@ -131,6 +131,31 @@ def test_a_table_of_one_task_has_no_average_column(tmp_path):
     assert "| majority class | 0.00 | | |" in text
 
 
+def test_runs_made_by_hand_are_reported_from_their_own_results_json(tmp_path, capsys):
+    files = []
+    for method, xs in (("prilora", [0.81, 0.79]), ("lora", [0.78, 0.80])):
+        for seed, x in enumerate(xs):
+            row = line("mrpc", method, seed, x)
+            del row["sweep"]  # what prilora train writes, indented, into its output folder
+            (tmp_path / f"{method}-{seed}").mkdir()
+            (tmp_path / f"{method}-{seed}" / "results.json").write_text(json.dumps(row, indent=2) + "\n")
+            files.append(str(tmp_path / f"{method}-{seed}" / "results.json"))
+    out = tmp_path / "R.md"
+    assert main(["report", *files, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## prilora train runs\n" in text
+    assert f"| prilora | {statistics.fmean([81, 79]):.2f} ± {statistics.stdev([81, 79]):.2f} (2) | 331,776 | mrpc 0.001 |" in text
+    assert f"| lora | {statistics.fmean([78, 80]):.2f} ± {statistics.stdev([78, 80]):.2f} (2) | 331,776 | mrpc 0.001 |" in text
+    (tmp_path / "lora-1" / "results.json").write_text('{\n  "task": "mrpc",\n  "metr')  # cut short
+    assert main(["report", *files, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"prilora report: error: {files[-1]} is damaged (not JSON): restore it, or " \
+        "leave it out\n"
+    (tmp_path / "lora-1" / "results.json").write_text('{\n  "task": "mrpc"\n}\n')
+    assert main(["report", *files, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"prilora report: error: {files[-1]} is not a results file of prilora train " \
+        "(no method)\n"
+
+
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"

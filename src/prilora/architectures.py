@@ -82,6 +82,31 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def compile_layer_pattern(layer_pattern: str | None) -> re.Pattern:
+    """``layer_pattern`` (None: the default) as a regex, checked here so that a bad one is a one-line
+    error when the configuration is made, not a traceback from deep inside model building."""
+    text = DEFAULT_LAYER_PATTERN if layer_pattern is None else layer_pattern
+    if not isinstance(text, str):
+        raise ValueError(f"layer_pattern must be a regex string, got {text!r}")
+    try:
+        pattern = re.compile(text)
+    except re.error as e:
+        raise ValueError(f"layer_pattern {text!r} is not a valid regex ({e}): pass a regex whose first group "
+                         f"captures the layer index; the default is {DEFAULT_LAYER_PATTERN}") from None
+    if pattern.groups < 1:
+        raise ValueError(f"layer_pattern {text!r} must have a capture group for the layer index; the default is "
+                         f"{DEFAULT_LAYER_PATTERN}")
+    return pattern
+
+
+def layer_index(pattern: re.Pattern, name: str, captured: str) -> int:
+    """The layer number that ``pattern`` captured from module ``name``."""
+    if not captured.isdigit():
+        raise ValueError(f"layer_pattern {pattern.pattern!r} captures {captured!r} from module {name!r}, not a layer "
+                         "number: its first group must match digits only, e.g. (\\d+)")
+    return int(captured)
+
+
 def _matches(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -100,16 +125,14 @@ def find_target_modules(
     full name. Every match must lie inside the layer stack, since its rank comes from its depth.
     """
     targets = default_target_modules(model) if target_modules is None else target_modules
-    pattern = re.compile(layer_pattern or DEFAULT_LAYER_PATTERN)
-    if pattern.groups < 1:
-        raise ValueError(f"layer_pattern {pattern.pattern!r} must have a capture group for the layer index")
+    pattern = compile_layer_pattern(layer_pattern)
     found: list[TargetModule] = []
     outside: list[str] = []
     for name, module in model.named_modules():
         if not name or not _matches(name, targets) or not _is_adaptable(module):
             continue
         hits = pattern.findall(name + ".")
-        indices = {int(h if isinstance(h, str) else h[0]) for h in hits}
+        indices = {layer_index(pattern, name, h if isinstance(h, str) else h[0]) for h in hits}
         if len(indices) == 1:
             found.append(TargetModule(name, indices.pop(), type(module).__name__ == "Conv1D"))
         elif not indices:

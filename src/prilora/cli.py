@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "where a table crosses them, and PNG plots (scores, ranks per layer, sparsity over training); "
                     "with --progress, how far the study's specs have got.",
     )
-    report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl; a pattern "
-                        "no file matches yet (results/ablation-*.jsonl) is left out with a note")
+    report.add_argument("results", nargs="+", help="JSON-lines files, e.g. results/main-table.jsonl, or runs' own "
+                        "results.json (runs/*/results.json); a pattern no file matches yet "
+                        "(results/ablation-*.jsonl) is left out with a note")
     report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
     report.add_argument("--plots", default=None, help="folder for the PNGs (default: results/ beside --out)")
     report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
@@ -331,6 +332,7 @@ def build_spec(args):
             raise RunError(f"{name} must be >= {rule}, got {value}")
     if args.holdout is not None and args.holdout <= 0:
         raise RunError(f"--holdout must be > 0 (a count, or a fraction below 1), got {args.holdout:g}")
+    check_seed(args.seed)
     try:
         recipe = recipe.override(**overrides)
     except ValueError as e:
@@ -349,6 +351,13 @@ def build_spec(args):
     except ValueError as e:
         raise RunError(str(e)) from None
     return spec
+
+
+def check_seed(seed: int) -> None:
+    from .run_folder import RunError
+
+    if not 0 <= seed < 2**32:  # the range that torch, numpy and Trainer's set_seed take
+        raise RunError(f"--seed must be in [0, 2**32 - 1], got {seed}")
 
 
 def _refuse_other_methods_flags(args) -> None:
@@ -440,6 +449,7 @@ def cmd_train_clm(args) -> int:
         raise RunError("--learning-rate and --epochs must be > 0")
     if args.holdout <= 0:
         raise RunError(f"--holdout must be > 0 (a count, or a fraction below 1), got {args.holdout:g}")
+    check_seed(args.seed)
     adapter = {"lora_alpha": 16.0, "lora_dropout": 0.0, **_given(args, ADAPTER_FLAGS)}
     try:
         config = prilora_config(args, adapter, "CAUSAL_LM")
@@ -490,8 +500,12 @@ def cmd_export(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .inspection import describe, format_table, plot
+    from .run_folder import RunError
 
-    info = describe(args.adapter, args.layer_pattern)
+    try:
+        info = describe(args.adapter, args.layer_pattern)
+    except ValueError as e:  # the layer pattern (a bad adapter is an AdapterError)
+        raise RunError(str(e)) from None
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     if args.plot:
         print(f"heatmap: {plot(info, args.plot)}", file=sys.stderr)

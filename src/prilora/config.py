@@ -111,6 +111,12 @@ class PriLoraConfig:
                 raise ValueError(f"{name} must be an integer rank, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.layer_pattern is not None:
+            from .architectures import compile_layer_pattern
+
+            compile_layer_pattern(self.layer_pattern)
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
         _check_choice("alpha_policy", self.alpha_policy, ALPHA_POLICIES)
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
         _check_choice("prune_criterion", self.prune_criterion, PRUNE_CRITERIA)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import re
 
-from .architectures import DEFAULT_LAYER_PATTERN
+from .architectures import compile_layer_pattern, layer_index
 from .export import AdapterError, read_adapter
 
 
 def describe(adapter: str, layer_pattern: str | None = None) -> dict:
     config, tensors, sparse = read_adapter(adapter)
-    pattern = re.compile(layer_pattern or DEFAULT_LAYER_PATTERN)
+    pattern = compile_layer_pattern(layer_pattern)
     modules: dict[str, dict] = {}
     for key, t in tensors.items():
         m = re.search(r"^(.*)\.lora_([AB])\.(?:[^.]+\.)?weight$", key)
@@ -23,7 +23,7 @@ def describe(adapter: str, layer_pattern: str | None = None) -> dict:
             continue
         name, which = m.group(1).removeprefix("base_model.model."), m.group(2)
         hit = pattern.search(name + ".")
-        entry = modules.setdefault(name, {"name": name, "layer": int(hit.group(1)) if hit else None,
+        entry = modules.setdefault(name, {"name": name, "layer": layer_index(pattern, name, hit.group(1)) if hit else None,
                                           "kind": name[hit.end():] if hit else name})
         entry[which] = {"shape": list(t.shape), "zeros": int((t == 0).sum()), "numel": t.numel()}
     if not modules:

@@ -276,18 +276,57 @@ def checkpoint_complete(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in ("trainer_state.json", RUNTIME_FILE))
 
 
+def checkpoint_damage(folder: str) -> str | None:
+    """Why a complete checkpoint cannot be read back (a file cut short or corrupted on disk since it was
+    written), or None: JSON files parse, safetensors headers cover their files, and torch's zip archives
+    (optimizer, scheduler, RNG state) pass their checksums. It reads every byte, which costs little next
+    to the resumed training (a LoRA checkpoint is a few megabytes); a flipped bit in a safetensors file's
+    tensor data goes unseen (that format keeps no checksum)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".json"):
+                with open(path) as f:
+                    json.load(f)
+            elif name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith((".pt", ".pth", ".bin")):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad:
+                    return f"{name}: {bad} fails its checksum"
+        except Exception as e:  # each library has its own error type for a damaged file
+            return f"{name}: {' '.join(str(e).split()) or type(e).__name__}"
+    return None
+
+
 def last_checkpoint(out: str) -> str | None:
-    """The newest complete checkpoint in ``out``: resuming from one cut short by a kill (its optimizer state
-    or pruner state missing or half written) would fail or go wrong. Newer incomplete ones are named."""
+    """The newest complete, readable checkpoint in ``out``: resuming from one cut short by a kill (its
+    optimizer state or pruner state missing or half written), or damaged on disk since, would fail or go
+    wrong. Newer ones passed over are named, with the reason."""
     steps = checkpoint_steps(out)
-    complete = [step for step, folder in steps.items() if checkpoint_complete(folder)]
-    chosen = complete[-1] if complete else -1
-    cut = [os.path.basename(folder) for step, folder in steps.items() if step > chosen]
-    if cut and is_main_process():
-        print(f"prilora: {', '.join(cut)} in {out} {'is' if len(cut) == 1 else 'are'} incomplete (the run was "
-              "stopped while saving): " + (f"resuming from {os.path.basename(steps[chosen])}" if complete else
-                                           "no complete checkpoint, starting over"), file=sys.stderr, flush=True)
-    return steps[chosen] if complete else None
+    passed = []  # (folder name, why) of newer checkpoints that cannot be resumed from
+    chosen = None
+    for step, folder in reversed(steps.items()):
+        if not checkpoint_complete(folder):
+            passed.append((os.path.basename(folder), "incomplete (the run was stopped while saving)"))
+        elif why := checkpoint_damage(folder):
+            passed.append((os.path.basename(folder), f"damaged ({why})"))
+        else:
+            chosen = folder
+            break
+    if passed and is_main_process():
+        what = "; ".join(f"{name} in {out} is {why}" for name, why in reversed(passed))
+        print(f"prilora: {what}: " + (f"resuming from {os.path.basename(chosen)}" if chosen else
+                                      "no complete checkpoint, starting over"), file=sys.stderr, flush=True)
+    return chosen
 
 
 def read_json(path: str) -> dict:

@@ -22,7 +22,7 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 
-from ..run_folder import unwritable
+from ..run_folder import RESULTS_FILE, unwritable
 from .sweep import (Sweep, describe_left, growth_limit, next_edge, read_lines, score_of, seconds_left, select_values,
                     study_progress)
 from .tasks import TASKS
@@ -75,11 +75,12 @@ def latest(lines: list[dict]) -> tuple[list[dict], int]:
 
 def group_key(line: dict) -> tuple[str, str]:
     """(table, variant): a sweep's table (its name unless the spec sets ``table``) and stage, and its variant;
-    or the file and method for lines without a sweep record."""
+    or the file (runs' own results.json files together) and method for lines without a sweep record."""
     sw = line.get("sweep")
     if sw:
         return f"{sw.get('table') or sw['name']} / {sw['stage']}", sw["variant"]
-    return os.path.basename(line["_file"]), line.get("method", "?")
+    name = os.path.basename(line["_file"])
+    return "prilora train runs" if name == RESULTS_FILE else name, line.get("method", "?")
 
 
 def scores(lines: list[dict]) -> list[float]:

@@ -254,13 +254,22 @@ def missing_result_key(line) -> str | None:
 
 
 def read_lines(path: str) -> list[dict]:
-    """The results lines of ``path``. A last line with no newline that is not JSON is a write cut short (a
+    """The results lines of ``path``: a JSON-lines file (a sweep's), or one run's own indented results.json. A last line with no newline that is not JSON is a write cut short (a
     sweep appending now, or one killed mid-write): it is left out with a warning; the next sweep writing
     the file mends it (``mend_cut_tail``). A bad line anywhere else is an error."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        texts = f.read().splitlines(keepends=True)
+        data = f.read()
+    texts = data.splitlines(keepends=True)
+    if len(texts) > 1 and texts[0].strip() == "{":  # one indented JSON document: a run's own results.json
+        try:
+            line = json.loads(data)
+        except json.JSONDecodeError:
+            raise SweepError(f"{path} is damaged (not JSON): restore it, or leave it out") from None
+        if missing := missing_result_key(line):
+            raise SweepError(f"{path} is not a results file of prilora train (no {missing})")
+        return [line]
     out = []
     for n, text in enumerate(texts, 1):
         if not text.strip():
