@@ -93,6 +93,15 @@ def test_unknown_architecture_needs_target_modules():
         get_prilora_model(ParallelLayers(), PriLoraConfig())
 
 
+def test_what_is_not_a_model_or_a_config_is_named():
+    with pytest.raises(TypeError, match=r"model must be a loaded torch model \(e.g. AutoModelForSequenceClassification"
+                                        r".from_pretrained\(...\)\), got str"):
+        get_prilora_model("bert-base-uncased", PriLoraConfig())
+    with pytest.raises(TypeError, match=r"config must be a PriLoraConfig \(from a dict: PriLoraConfig.from_dict"
+                                        r"\(...\)\), got dict"):
+        get_prilora_model(tiny_bert(), {"r_start": 4})
+
+
 def test_targets_matching_nothing():
     with pytest.raises(ValueError, match=r"target_modules=\['nonexistent'\] match no linear layer"):
         get_prilora_model(tiny_bert(), PriLoraConfig(target_modules=["nonexistent"]))

@@ -40,6 +40,7 @@ from prilora import PriLoraConfig
         (dict(layer_pattern="["), r"layer_pattern '\[' is not a valid regex \(unterminated character set at position 0\)"),
         (dict(layer_pattern=r"layers\.\d+"), r"layer_pattern 'layers\\\\.\\\\d\+' must have a capture group for the layer index"),
         (dict(layer_pattern=3), "layer_pattern must be a regex string, got 3"),
+        (dict(target_modules="[q"), r"target_modules '\[q' is not a valid regex \(unterminated character set"),
         (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32 - 1\], got -1"),
         (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32 - 1\], got 4294967296"),
     ],

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -143,6 +144,12 @@ class PriLoraConfig:
         if self.total_steps is not None or (isinstance(self.prune_start, int) and isinstance(self.prune_end, int)):
             self.resolve_window(self.total_steps)
         self._check_lora_kwargs()
+        if isinstance(self.target_modules, str):  # one regex, matched against the full module name (PEFT's rule)
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex ({e}): pass a list "
+                                 "of module name suffixes, or a regex matched against the full name") from None
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

@@ -88,6 +88,12 @@ def get_prilora_model(
     Call ``pruner.step()`` after every optimizer step (or pass ``PriLoraCallback(pruner)`` to
     the Trainer). ``model.save_pretrained`` writes a standard LoRA adapter plus ``prilora.json``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a loaded torch model (e.g. AutoModelForSequenceClassification"
+                        f".from_pretrained(...)), got {type(model).__name__}")
+    if not isinstance(config, PriLoraConfig):
+        raise TypeError(f"config must be a PriLoraConfig (from a dict: PriLoraConfig.from_dict(...)), "
+                        f"got {type(config).__name__}")
     if config.task_type is None and type(model).__name__.endswith("ForSequenceClassification"):
         warnings.warn(
             f"{type(model).__name__} with task_type=None: its classification head stays frozen; "
