@@ -133,19 +133,31 @@ def test_a_table_of_one_task_has_no_average_column(tmp_path):
 
 def test_runs_made_by_hand_are_reported_from_their_own_results_json(tmp_path, capsys):
     files = []
+
+    def run_folder(name, row):
+        del row["sweep"]  # what prilora train writes, indented, into its output folder
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(row, indent=2) + "\n")
+        files.append(str(tmp_path / name / "results.json"))
+
     for method, xs in (("prilora", [0.81, 0.79]), ("lora", [0.78, 0.80])):
         for seed, x in enumerate(xs):
-            row = line("mrpc", method, seed, x)
-            del row["sweep"]  # what prilora train writes, indented, into its output folder
-            (tmp_path / f"{method}-{seed}").mkdir()
-            (tmp_path / f"{method}-{seed}" / "results.json").write_text(json.dumps(row, indent=2) + "\n")
-            files.append(str(tmp_path / f"{method}-{seed}" / "results.json"))
+            run_folder(f"{method}-{seed}", line("mrpc", method, seed, x, recipe={"epochs": 3},
+                                                **({"prilora": {"rank_schedule": "linear", "seed": seed}}
+                                                   if method == "prilora" else {})))
+    # Another setting is another row, never a seed of the same cell; a recipe that differs between tasks is not.
+    run_folder("inverted", line("mrpc", "prilora", 0, 0.70, recipe={"epochs": 3},
+                                prilora={"rank_schedule": "inverted", "seed": 0}))
+    run_folder("cola", line("cola", "prilora", 0, 0.20, recipe={"epochs": 5}, prilora={"rank_schedule": "linear", "seed": 0}))
     out = tmp_path / "R.md"
     assert main(["report", *files, "--out", str(out)]) == 0
     text = out.read_text()
     assert "## prilora train runs\n" in text
-    assert f"| prilora | {statistics.fmean([81, 79]):.2f} ± {statistics.stdev([81, 79]):.2f} (2) | 331,776 | mrpc 0.001 |" in text
-    assert f"| lora | {statistics.fmean([78, 80]):.2f} ± {statistics.stdev([78, 80]):.2f} (2) | 331,776 | mrpc 0.001 |" in text
+    assert f"| prilora (rank_schedule=linear) | 20.00 (1) | {statistics.fmean([81, 79]):.2f} ± " \
+           f"{statistics.stdev([81, 79]):.2f} (2) |" in text
+    assert "| prilora (rank_schedule=inverted) | - (0) | 70.00 (1) |" in text
+    assert f"| lora | - (0) | {statistics.fmean([78, 80]):.2f} ± {statistics.stdev([78, 80]):.2f} (2) |" in text
+    files = files[:4]
     (tmp_path / "lora-1" / "results.json").write_text('{\n  "task": "mrpc",\n  "metr')  # cut short
     assert main(["report", *files, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"prilora report: error: {files[-1]} is damaged (not JSON): restore it, or " \

@@ -75,12 +75,45 @@ def latest(lines: list[dict]) -> tuple[list[dict], int]:
 
 def group_key(line: dict) -> tuple[str, str]:
     """(table, variant): a sweep's table (its name unless the spec sets ``table``) and stage, and its variant;
-    or the file (runs' own results.json files together) and method for lines without a sweep record."""
+    or, for lines without a sweep record, the file (runs' own results.json files together) and the label
+    that :func:`label_unswept` gives (the method, and the settings that set its runs apart)."""
     sw = line.get("sweep")
     if sw:
         return f"{sw.get('table') or sw['name']} / {sw['stage']}", sw["variant"]
     name = os.path.basename(line["_file"])
-    return "prilora train runs" if name == RESULTS_FILE else name, line.get("method", "?")
+    return "prilora train runs" if name == RESULTS_FILE else name, line.get("_label") or line.get("method", "?")
+
+
+def _settings(line: dict) -> dict:
+    """What a run was asked to do, flat, without its seed (that varies within a cell)."""
+    flat = {k: line.get(k) for k in ("model", "recipe_name", "learning_rate", "holdout", "max_steps", "precision")}
+    for group in ("recipe", "prilora", "adalora"):
+        for k, v in (line.get(group) or {}).items():
+            if k not in ("seed", "learning_rate", "full_learning_rate"):
+                flat[f"{group}.{k}" if k in flat else k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return flat
+
+
+def label_unswept(lines: list[dict]) -> None:
+    """Runs made by hand carry no variant name, only their method. Two runs of one task and method made
+    with other settings (another rank schedule, learning rate, ...) must not be averaged as seeds of one
+    cell, so each such run's row is labelled with the settings that differ, e.g.
+    ``prilora (rank_schedule=inverted)``. Settings that differ only between tasks (the recipe's epochs) do
+    not split rows."""
+    groups = defaultdict(list)
+    for line in lines:
+        if not line.get("sweep"):
+            groups[(line["_file"] if os.path.basename(line["_file"]) != RESULTS_FILE else "",
+                    line.get("method", "?"))].append(line)
+    for (_, method), members in groups.items():
+        settings = [_settings(line) for line in members]
+        by_task = defaultdict(list)
+        for line, flat in zip(members, settings):
+            by_task[line.get("task")].append(flat)
+        keys = list(dict.fromkeys(k for flat in settings for k in flat))
+        differing = [k for k in keys if any(len({repr(flat.get(k)) for flat in same}) > 1 for same in by_task.values())]
+        for line, flat in zip(members, settings):
+            line["_label"] = method + (f" ({', '.join(f'{k}={flat.get(k)}' for k in differing)})" if differing else "")
 
 
 def scores(lines: list[dict]) -> list[float]:
@@ -666,6 +699,7 @@ def _slug(text: str) -> str:
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
                  command: str | None = None, reference: str = "prilora", progress: list[str] | None = None) -> str:
     lines, superseded = latest(load(paths))
+    label_unswept(lines)
     if notes and not os.path.isfile(notes):
         raise ReportError(f"notes file {notes} not found")
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
