@@ -210,7 +210,8 @@ def test_inspect_reads_ranks_and_sparsity_from_the_file(llama_adapter, tmp_path,
     assert all(layer["modules"] == 7 for layer in info["layers"])
     assert info["a_sparsity"] == pytest.approx(ratio) and info["b_sparsity"] == 0.0
     assert run(capsys, "inspect", str(root / "adapter"), "--layer-pattern", "(layers)") == (2, "", (
-        "prilora inspect: error: layer_pattern '(layers)' captures 'layers' from module 'model.layers.0.mlp.down_proj', "
+        "prilora inspect: error: layer_pattern '(layers)' captures 'layers' from module "
+        "'model.layers.0.mlp.down_proj', "
         "not a layer number: its first group must match digits only, e.g. (\\d+)"))
     code, table, err = run(capsys, "inspect", str(root / "adapter"), "--plot", str(tmp_path / "h.png"))
     rows = [line for line in table.splitlines() if line[:1].isdigit()]

@@ -148,7 +148,8 @@ def test_runs_made_by_hand_are_reported_from_their_own_results_json(tmp_path, ca
     # Another setting is another row, never a seed of the same cell; a recipe that differs between tasks is not.
     run_folder("inverted", line("mrpc", "prilora", 0, 0.70, recipe={"epochs": 3},
                                 prilora={"rank_schedule": "inverted", "seed": 0}))
-    run_folder("cola", line("cola", "prilora", 0, 0.20, recipe={"epochs": 5}, prilora={"rank_schedule": "linear", "seed": 0}))
+    run_folder("cola", line("cola", "prilora", 0, 0.20, recipe={"epochs": 5},
+                            prilora={"rank_schedule": "linear", "seed": 0}))
     out = tmp_path / "R.md"
     assert main(["report", *files, "--out", str(out)]) == 0
     text = out.read_text()

@@ -23,8 +23,8 @@ def describe(adapter: str, layer_pattern: str | None = None) -> dict:
             continue
         name, which = m.group(1).removeprefix("base_model.model."), m.group(2)
         hit = pattern.search(name + ".")
-        entry = modules.setdefault(name, {"name": name, "layer": layer_index(pattern, name, hit.group(1)) if hit else None,
-                                          "kind": name[hit.end():] if hit else name})
+        layer = layer_index(pattern, name, hit.group(1)) if hit else None
+        entry = modules.setdefault(name, {"name": name, "layer": layer, "kind": name[hit.end():] if hit else name})
         entry[which] = {"shape": list(t.shape), "zeros": int((t == 0).sum()), "numel": t.numel()}
     if not modules:
         raise AdapterError(f"{adapter} holds no LoRA matrices (lora_A / lora_B weights)")

@@ -254,9 +254,10 @@ def missing_result_key(line) -> str | None:
 
 
 def read_lines(path: str) -> list[dict]:
-    """The results lines of ``path``: a JSON-lines file (a sweep's), or one run's own indented results.json. A last line with no newline that is not JSON is a write cut short (a
-    sweep appending now, or one killed mid-write): it is left out with a warning; the next sweep writing
-    the file mends it (``mend_cut_tail``). A bad line anywhere else is an error."""
+    """The results lines of ``path``: a JSON-lines file (a sweep's), or one run's own indented results.json.
+    A last line with no newline that is not JSON is a write cut short (a sweep appending now, or one killed
+    mid-write): it is left out with a warning; the next sweep writing the file mends it (``mend_cut_tail``).
+    A bad line anywhere else is an error."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
