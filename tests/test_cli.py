@@ -106,6 +106,14 @@ def test_stsb_metrics_and_cola_score(tmp, glue_dir):
     assert base["score"] == base["matthews_correlation"] == 0.0 and 0.5 < base["accuracy"] < 1
 
 
+def copy_run_files(full, cut, *names):
+    """An interrupted run's folder: the named files and checkpoints of the uninterrupted one."""
+    cut.mkdir()
+    for name in names:
+        src = full / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
+
+
 @pytest.mark.parametrize("method", ["prilora", "adalora"])
 def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     extra = ["--method", method, "--save-steps", "2", "--keep-checkpoints", "0", "--epochs", "2"]
@@ -113,10 +121,7 @@ def test_resume_gives_the_uninterrupted_adapter(tmp, glue_dir, method):
     assert train(tmp, glue_dir, *extra, out="full") == 0
     # The interrupted run: what the folder held after the checkpoint at step 4 (of 12).
     full, cut = tmp["root"] / "full", tmp["root"] / "cut"
-    cut.mkdir()
-    for name in ("run.json", "checkpoint-4"):
-        src = full / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
+    copy_run_files(full, cut, "run.json", "checkpoint-4")
     assert train(tmp, glue_dir, *extra, "--resume", out="cut") == 0
     assert_resumed_as_uninterrupted(tmp, "checkpoint-4")
 
@@ -125,10 +130,7 @@ def test_a_checkpoint_damaged_on_disk_is_passed_over_for_the_one_before(tmp, glu
     extra = ["--save-steps", "2", "--keep-checkpoints", "0", "--epochs", "2", "--prune-interval", "2"]
     assert train(tmp, glue_dir, *extra, out="full") == 0
     full, cut = tmp["root"] / "full", tmp["root"] / "cut"
-    cut.mkdir()
-    for name in ("run.json", "checkpoint-4", "checkpoint-6"):
-        src = full / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, cut / name)
+    copy_run_files(full, cut, "run.json", "checkpoint-4", "checkpoint-6")
     optimizer = cut / "checkpoint-6" / "optimizer.pt"  # complete when written, cut short on disk since
     optimizer.write_bytes(optimizer.read_bytes()[:1000])
     capsys.readouterr()

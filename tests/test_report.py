@@ -169,6 +169,21 @@ def test_runs_made_by_hand_are_reported_from_their_own_results_json(tmp_path, ca
         "(no method)\n"
 
 
+def test_files_of_one_name_share_a_table_and_their_settings_split_its_rows(tmp_path):
+    paths = []
+    for folder, schedule in (("a", "linear"), ("b", "inverted")):
+        row = line("mrpc", "prilora", 0, 0.8, prilora={"rank_schedule": schedule, "seed": 0})
+        del row["sweep"]
+        (tmp_path / folder).mkdir()
+        paths.append(str(write(tmp_path / folder / "r.jsonl", [row])))
+    out = tmp_path / "R.md"
+    assert main(["report", *paths, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("## r.jsonl") == 1
+    assert "| prilora (rank_schedule=linear) | 80.00 (1) |" in text
+    assert "| prilora (rank_schedule=inverted) | 80.00 (1) |" in text
+
+
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "R.md")]) == 2
     assert capsys.readouterr().err.strip() == f"prilora report: error: results file {tmp_path / 'none.jsonl'} not found"

@@ -354,9 +354,10 @@ def build_spec(args):
 
 
 def check_seed(seed: int) -> None:
+    from .config import SEEDS
     from .run_folder import RunError
 
-    if not 0 <= seed < 2**32:  # the range that torch, numpy and Trainer's set_seed take
+    if seed not in SEEDS:
         raise RunError(f"--seed must be in [0, 2**32 - 1], got {seed}")
 
 

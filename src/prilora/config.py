@@ -16,6 +16,8 @@ from typing import Any, Union
 
 from .ranks import SCHEDULES, is_int
 
+SEEDS = range(2**32)  # the seeds that torch, numpy and Trainer's set_seed take
+
 PRUNE_SCOPES = ("row", "matrix")
 PRUNE_CRITERIA = ("importance", "magnitude", "random", "none")
 PRUNE_MATRICES = ("A", "B")
@@ -116,7 +118,7 @@ class PriLoraConfig:
             from .architectures import compile_layer_pattern
 
             compile_layer_pattern(self.layer_pattern)
-        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or self.seed not in SEEDS:
             raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
         _check_choice("alpha_policy", self.alpha_policy, ALPHA_POLICIES)
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
@@ -150,7 +152,7 @@ class PriLoraConfig:
             except re.error as e:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex ({e}): pass a list "
                                  "of module name suffixes, or a regex matched against the full name") from None
-        if isinstance(self.target_modules, (list, tuple)):
+        elif isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty: pass None for the architecture's defaults")

@@ -314,7 +314,7 @@ def last_checkpoint(out: str) -> str | None:
     steps = checkpoint_steps(out)
     passed = []  # (folder name, why) of newer checkpoints that cannot be resumed from
     chosen = None
-    for step, folder in reversed(steps.items()):
+    for folder in reversed(steps.values()):
         if not checkpoint_complete(folder):
             passed.append((os.path.basename(folder), "incomplete (the run was stopped while saving)"))
         elif why := checkpoint_damage(folder):

@@ -80,8 +80,13 @@ def group_key(line: dict) -> tuple[str, str]:
     sw = line.get("sweep")
     if sw:
         return f"{sw.get('table') or sw['name']} / {sw['stage']}", sw["variant"]
+    return unswept_table(line), line.get("_label") or line.get("method", "?")
+
+
+def unswept_table(line: dict) -> str:
+    """The table of a line without a sweep record: its file's name; runs' own results.json files share one."""
     name = os.path.basename(line["_file"])
-    return "prilora train runs" if name == RESULTS_FILE else name, line.get("_label") or line.get("method", "?")
+    return "prilora train runs" if name == RESULTS_FILE else name
 
 
 def _settings(line: dict) -> dict:
@@ -103,8 +108,7 @@ def label_unswept(lines: list[dict]) -> None:
     groups = defaultdict(list)
     for line in lines:
         if not line.get("sweep"):
-            groups[(line["_file"] if os.path.basename(line["_file"]) != RESULTS_FILE else "",
-                    line.get("method", "?"))].append(line)
+            groups[(unswept_table(line), line.get("method", "?"))].append(line)
     for (_, method), members in groups.items():
         settings = [_settings(line) for line in members]
         by_task = defaultdict(list)
