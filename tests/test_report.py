@@ -158,6 +158,16 @@ def test_runs_made_by_hand_are_reported_from_their_own_results_json(tmp_path, ca
            f"{statistics.stdev([81, 79]):.2f} (2) |" in text
     assert "| prilora (rank_schedule=inverted) | - (0) | 70.00 (1) |" in text
     assert f"| lora | - (0) | {statistics.fmean([78, 80]):.2f} ± {statistics.stdev([78, 80]):.2f} (2) |" in text
+    # No row is plain prilora: the report says which name to test against, and the test then runs.
+    assert "pass it as --reference, e.g. `--reference 'prilora (rank_schedule=linear)'`" in text
+    assert "| mrpc | lora |" not in text
+    assert main(["report", *files, "--out", str(out), "--reference", "prilora (rank_schedule=linear)"]) == 0
+    text = out.read_text()
+    assert "| mrpc | lora | +1.00 | 0.71 |" in text and "| mrpc | prilora (rank_schedule=inverted) | +10.00 |" in text
+    assert "pass it as --reference" not in text
+    assert main(["report", *files, "--out", str(out), "--reference", "prilora"]) == 2
+    assert capsys.readouterr().err == "prilora report: error: --reference 'prilora' names no row of a dev table: " \
+        "pass one of 'prilora (rank_schedule=linear)', 'lora', 'prilora (rank_schedule=inverted)'\n"
     files = files[:4]
     (tmp_path / "lora-1" / "results.json").write_text('{\n  "task": "mrpc",\n  "metr')  # cut short
     assert main(["report", *files, "--out", str(out)]) == 2

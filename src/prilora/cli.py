@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/RESULTS.md")
     report.add_argument("--plots", default=None, help="folder for the PNGs (default: results/ beside --out)")
     report.add_argument("--notes", default=None, help="Markdown placed after the introduction (e.g. verdicts)")
-    report.add_argument("--reference", default="prilora",
-                        help="variant that every other row of a dev table is tested against (default prilora)")
+    report.add_argument("--reference", default=None,
+                        help="row that every other row of a dev table is tested against, as the tables name it, "
+                             "e.g. lora or 'prilora (rank_schedule=linear)' (default: the row named prilora, where "
+                             "a table has one)")
     report.add_argument("--progress", nargs="+", default=None, metavar="SPEC",
                         help="sweep specs of the study: a table of runs planned, done and left per spec, with a time "
                              "estimate, counted as --dry-run counts them; placed at a line '<!-- progress -->' of "

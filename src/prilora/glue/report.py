@@ -346,6 +346,14 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
     return out if len(out) > 2 else []
 
 
+def hint_reference(lines: list[dict]) -> str | None:
+    """A PRILoRA row to suggest as --reference, where runs made by hand with several settings are labelled
+    ``prilora (...)`` and so none is named plain prilora."""
+    labels = list(dict.fromkeys(group_key(line)[1] for line in lines))
+    named = [label for label in labels if label.startswith("prilora (")]
+    return named[0] if named and len(labels) > 1 else None
+
+
 def _factors(line: dict) -> tuple[str, str] | None:
     """(rank pattern, pruning) of a LoRA-type run, as labels; None for AdaLoRA and full fine-tuning."""
     ranks, cfg = line.get("ranks"), line.get("prilora")
@@ -701,9 +709,15 @@ def _slug(text: str) -> str:
 
 
 def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes: str | None = None,
-                 command: str | None = None, reference: str = "prilora", progress: list[str] | None = None) -> str:
+                 command: str | None = None, reference: str | None = None, progress: list[str] | None = None) -> str:
+    """The Markdown report of the result files, written to ``out``. ``reference``: the row every other is
+    tested against; given, it must name a row; None tests against a row named prilora where a table has one."""
     lines, superseded = latest(load(paths))
     label_unswept(lines)
+    rows = list(dict.fromkeys(group_key(line)[1] for line in lines if not line.get("holdout")))
+    if reference is not None and reference not in rows:
+        raise ReportError(f"--reference {reference!r} names no row of a dev table: pass one of "
+                          + ", ".join(repr(row) for row in rows))
     if notes and not os.path.isfile(notes):
         raise ReportError(f"notes file {notes} not found")
     plots_dir = plots_dir or os.path.join(os.path.dirname(out) or ".", "results")
@@ -765,9 +779,12 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             crossed = factorial_table(tlines)
             if crossed:
                 md += [""] + crossed
-            compared = comparison_table(tlines, reference, stale)
+            compared = comparison_table(tlines, reference or "prilora", stale)
+            if not compared and reference is None and (named := hint_reference(tlines)):
+                md += ["", f"No row is named prilora, so none is tested against the others: to test them against "
+                       f"one, pass it as --reference, e.g. `--reference '{named}'`."]
             if compared:
-                md += ["", f"{reference} against each other row: difference of the mean dev scores in points, and "
+                md += ["", f"{reference or 'prilora'} against each other row: difference of the mean dev scores in points, and "
                        "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps), with the"
                        " 95% confidence interval of the difference (the difference ± this: gaps of that size either"
                        " way are not ruled out)."
