@@ -75,6 +75,19 @@ def test_trainer_prunes_on_schedule_and_saves_state(tmp_path):
         assert os.path.isfile(tmp_path / f"checkpoint-{step}" / "prilora.json")
 
 
+def test_a_save_total_limit_of_one_is_warned_about(tmp_path, recwarn):
+    trainer, _, pruner = make_trainer(tmp_path / "two", max_steps=5)
+    trainer.args.save_total_limit = 2
+    trainer.train()
+    assert not [w for w in recwarn if "save_total_limit" in str(w.message)]
+    trainer, _, pruner = make_trainer(tmp_path / "one", max_steps=5)
+    trainer.args.save_total_limit = 1
+    with pytest.warns(RuntimeWarning, match=r"^save_total_limit=1: Trainer deletes the previous checkpoint before "
+                                            r"PriLoraCallback saves .*use save_total_limit=2 or more$"):
+        trainer.train()
+    assert pruner.global_step == 5 and os.path.isfile(tmp_path / "one" / "checkpoint-5" / STATE_FILE)
+
+
 def test_resume_gives_the_same_adapter(tmp_path):
     full, full_model, full_pruner = make_trainer(tmp_path / "full")
     full.train()

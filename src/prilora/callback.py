@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -54,6 +55,10 @@ class PriLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         refuse_sharded_parameters(args)
+        if getattr(args, "save_total_limit", None) == 1 and str(getattr(args, "save_strategy", "")) != "no":
+            warnings.warn("save_total_limit=1: Trainer deletes the previous checkpoint before PriLoraCallback "
+                          "saves the pruner state into the new one, so a run killed in that moment has no "
+                          "checkpoint to resume from; use save_total_limit=2 or more", RuntimeWarning, stacklevel=2)
         self.pruner.set_total_steps(state.max_steps)
         if state.global_step > 0 and self.pruner.global_step != state.global_step:
             folder = self.resume_from or checkpoint_folder(args, state)
