@@ -76,7 +76,7 @@ def test_trainer_prunes_on_schedule_and_saves_state(tmp_path):
 
 
 def test_a_save_total_limit_of_one_is_warned_about(tmp_path, recwarn):
-    trainer, _, pruner = make_trainer(tmp_path / "two", max_steps=5)
+    trainer, _, _ = make_trainer(tmp_path / "two", max_steps=5)
     trainer.args.save_total_limit = 2
     trainer.train()
     assert not [w for w in recwarn if "save_total_limit" in str(w.message)]

@@ -714,6 +714,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     tested against; given, it must name a row; None tests against a row named prilora where a table has one."""
     lines, superseded = latest(load(paths))
     label_unswept(lines)
+    tested = reference or "prilora"
     rows = list(dict.fromkeys(group_key(line)[1] for line in lines if not line.get("holdout")))
     if reference is not None and reference not in rows:
         raise ReportError(f"--reference {reference!r} names no row of a dev table: pass one of "
@@ -779,12 +780,12 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
             crossed = factorial_table(tlines)
             if crossed:
                 md += [""] + crossed
-            compared = comparison_table(tlines, reference or "prilora", stale)
+            compared = comparison_table(tlines, tested, stale)
             if not compared and reference is None and (named := hint_reference(tlines)):
                 md += ["", f"No row is named prilora, so none is tested against the others: to test them against "
                        f"one, pass it as --reference, e.g. `--reference '{named}'`."]
             if compared:
-                md += ["", f"{reference or 'prilora'} against each other row: difference of the mean dev scores in points, and "
+                md += ["", f"{tested} against each other row: difference of the mean dev scores in points, and "
                        "Welch's t-test over seeds (two-sided; with 3 seeds a side it detects only large gaps), with the"
                        " 95% confidence interval of the difference (the difference ± this: gaps of that size either"
                        " way are not ruled out)."
