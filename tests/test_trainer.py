@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
 
 from prilora import PriLoraCallback, PriLoraConfig, get_prilora_model
 from prilora.pruning import STATE_FILE
@@ -76,9 +77,10 @@ def test_trainer_prunes_on_schedule_and_saves_state(tmp_path):
 
 
 def test_a_save_total_limit_of_one_is_warned_about(tmp_path, recwarn):
-    trainer, _, _ = make_trainer(tmp_path / "two", max_steps=5)
-    trainer.args.save_total_limit = 2
-    trainer.train()
+    for folder, limit, strategy in (("two", 2, SaveStrategy.STEPS), ("unsaved", 1, SaveStrategy.NO)):
+        trainer, _, _ = make_trainer(tmp_path / folder, max_steps=5)
+        trainer.args.save_total_limit, trainer.args.save_strategy = limit, strategy
+        trainer.train()
     assert not [w for w in recwarn if "save_total_limit" in str(w.message)]
     trainer, _, pruner = make_trainer(tmp_path / "one", max_steps=5)
     trainer.args.save_total_limit = 1

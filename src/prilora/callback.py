@@ -55,7 +55,7 @@ class PriLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         refuse_sharded_parameters(args)
-        if getattr(args, "save_total_limit", None) == 1 and str(getattr(args, "save_strategy", "")) != "no":
+        if getattr(args, "save_total_limit", None) == 1 and getattr(args, "save_strategy", None) != "no":
             warnings.warn("save_total_limit=1: Trainer deletes the previous checkpoint before PriLoraCallback "
                           "saves the pruner state into the new one, so a run killed in that moment has no "
                           "checkpoint to resume from; use save_total_limit=2 or more", RuntimeWarning, stacklevel=2)
