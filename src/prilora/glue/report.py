@@ -83,6 +83,11 @@ def group_key(line: dict) -> tuple[str, str]:
     return unswept_table(line), line.get("_label") or line.get("method", "?")
 
 
+def row_labels(lines: list[dict]) -> list[str]:
+    """The rows the lines fall in (their variants, see :func:`group_key`), in the order first seen."""
+    return list(dict.fromkeys(group_key(line)[1] for line in lines))
+
+
 def unswept_table(line: dict) -> str:
     """The table of a line without a sweep record: its file's name; runs' own results.json files share one."""
     name = os.path.basename(line["_file"])
@@ -316,7 +321,7 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         groups[(line["task"], group_key(line)[1])].append(line)
-    variants = list(dict.fromkeys(group_key(line)[1] for line in lines))
+    variants = row_labels(lines)
     if reference not in variants:
         return []
     out = [f"| task | {reference} − | difference | Welch t | df | p (two-sided) | 95% interval | seeds |",
@@ -349,7 +354,7 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
 def hint_reference(lines: list[dict]) -> str | None:
     """A PRILoRA row to suggest as --reference, where runs made by hand with several settings are labelled
     ``prilora (...)`` and so none is named plain prilora."""
-    labels = list(dict.fromkeys(group_key(line)[1] for line in lines))
+    labels = row_labels(lines)
     named = [label for label in labels if label.startswith("prilora (")]
     return named[0] if named and len(labels) > 1 else None
 
@@ -515,7 +520,7 @@ def plot_grid(lines: list[dict], title: str, path: str) -> bool:
                                       for line in lines):
         return False
     key, tasks = axes_keys[0], _tasks(lines)
-    colors = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(group_key(line)[1] for line in lines))}
+    colors = {v: f"C{i % 10}" for i, v in enumerate(row_labels(lines))}
     fig, panels = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1.6, 3.0), squeeze=False)
     for ax, task in zip(panels[0], tasks):
         groups: dict[str, list[dict]] = defaultdict(list)
@@ -715,7 +720,7 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     lines, superseded = latest(load(paths))
     label_unswept(lines)
     tested = reference or "prilora"
-    rows = list(dict.fromkeys(group_key(line)[1] for line in lines if not line.get("holdout")))
+    rows = row_labels([line for line in lines if not line.get("holdout")])
     if reference is not None and reference not in rows:
         raise ReportError(f"--reference {reference!r} names no row of a dev table: pass one of "
                           + ", ".join(repr(row) for row in rows))
