@@ -107,6 +107,22 @@ def test_the_average_over_tasks_is_tested_with_every_task_s_seeds(tmp_path):
     assert "| average of 2 | adalora |" not in text and "| mrpc | adalora |" in text
 
 
+def test_a_p_value_under_one_in_a_thousand_is_not_printed_as_zero(tmp_path):
+    """Far-apart, tight seeds: scipy's p is about 1e-6, which three decimals would print as 0.000."""
+    from scipy.stats import ttest_ind
+
+    p, q = [0.80, 0.81, 0.79], [0.60, 0.61, 0.62]
+    rows = [line("mrpc", "prilora", s, v) for s, v in enumerate(p)]
+    rows += [line("mrpc", "lora", s, v) for s, v in enumerate(q)]
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    test = ttest_ind([x * 100 for x in p], [x * 100 for x in q], equal_var=False)
+    assert test.pvalue < 0.0005
+    low, high = test.confidence_interval(0.95)
+    assert (f"| mrpc | lora | +19.00 | {test.statistic:.2f} | {test.df:.1f} | < 0.001 | ±{(high - low) / 2:.2f} | "
+            "3 vs 3 |") in out.read_text()
+
+
 def test_sweeps_that_name_one_table_share_it(tmp_path):
     rows = [line("mrpc", "prilora", s, v) for s, v in enumerate([0.80, 0.78])]
     rows += [line("sst2", "prilora", s, v) for s, v in enumerate([0.85, 0.87])]

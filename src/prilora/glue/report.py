@@ -289,8 +289,12 @@ def _t_test(difference: float, parts: list[tuple[float, int]]) -> tuple[float, f
 
 
 def _test_cells(test: tuple | None) -> str:
-    """t | df | p | 95% interval, as the comparison tables show them."""
-    return f"{test[0]:.2f} | {test[1]:.1f} | {test[2]:.3f} | ±{test[3]:.2f}" if test else "- | - | - | -"
+    """t | df | p | 95% interval, as the comparison tables show them; a p under 0.0005 reads "< 0.001",
+    not "0.000", which would claim certainty that three seeds cannot give."""
+    if not test:
+        return "- | - | - | -"
+    p = "< 0.001" if test[2] < 0.0005 else f"{test[2]:.3f}"
+    return f"{test[0]:.2f} | {test[1]:.1f} | {p} | ±{test[3]:.2f}"
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float] | None:
