@@ -362,10 +362,12 @@ def long_run_sweep(tmp_path, tiny_model_dir, glue_dir, stderr):
 
 def assert_stopped_with_a_checkpoint(run_dir):
     text = (run_dir.parent / "s0.log").read_text()
-    assert "stopping after this optimizer step, with a checkpoint to resume from" in text
+    folders = sorted(p.name for p in run_dir.iterdir())
+    why = f"run folder {folders}; run log:\n{text}"  # what a failure needs to be understood
+    assert "stopping after this optimizer step, with a checkpoint to resume from" in text, why
     stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert stopped_at >= 20 and f"checkpoint-{stopped_at}" in text and "rerun with --resume to continue" in text
-    assert not (run_dir / "results.json").exists()
+    assert stopped_at >= 20 and f"checkpoint-{stopped_at}" in text and "rerun with --resume to continue" in text, why
+    assert not (run_dir / "results.json").exists(), why
 
 
 def test_a_closed_terminal_stops_the_sweep_and_its_runs_with_checkpoints(tmp_path, tiny_model_dir, glue_dir):
