@@ -136,6 +136,33 @@ def test_sweeps_that_name_one_table_share_it(tmp_path):
     assert "| prilora | 86.00 ± 1.41 (2) | 79.00 ± 1.41 (2) | 82.50 |" in text
 
 
+def test_stages_that_name_one_table_share_it_where_their_last_lines_place_them(tmp_path):
+    """Two stages, one task each (the rate differs per task), naming one table: it holds both tasks and their
+    average. A run's line written again after its stage moved counts once, in the table it names now."""
+    rows = []
+    for task, stage, xs in (("mrpc", "on-mrpc", [0.80, 0.78]), ("cola", "on-cola", [0.30, 0.34])):
+        for s, x in enumerate(xs):
+            rows.append(line(task, "prilora", s, x, stage=stage, lr=1e-3))
+            rows[-1]["sweep"].update(run=f"{stage}/{task}/prilora/s{s}", stage_table="dev")
+    before = json.loads(json.dumps(rows[0]))
+    del before["sweep"]["stage_table"]  # the same run's line from before its stage named the table
+    # A grid in a stage shown as "grid": 5e-4 wins, so MRPC's dev runs, made at 1e-3, are outdated.
+    grid = [line("mrpc", "prilora", 0, x, stage="lr", lr=lr, holdout=0.1) for lr, x in ((5e-4, 0.82), (1e-3, 0.80))]
+    for row in grid:
+        row["sweep"]["stage_table"] = "grid"
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", [before] + rows + grid)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("## study / dev") == 1 and "on-mrpc" not in text and "on-cola" not in text
+    assert "## study / grid (scored on a held-out part of train)" in text
+    assert "| method | cola | mrpc | average |" in text
+    assert "| prilora | 32.00 ± 2.83 (2) | 79.00 ± 1.41 (2) | 55.50 |" in text
+    for row in rows[:2]:
+        row["sweep"]["selected"] = {"lr": {"chosen": {"learning-rate": 1e-3}}}
+    assert main(["report", str(write(tmp_path / "r.jsonl", [before] + rows + grid)), "--out", str(out)]) == 0
+    assert "| prilora | 32.00 ± 2.83 (2) | 79.00 ± 1.41 (2) † | 55.50 |" in out.read_text()
+
+
 def test_a_table_of_one_task_has_no_average_column(tmp_path):
     rows = [line("cola", v, s, x) for v, xs in (("prilora", [0.22, 0.25]), ("lora", [0.24, 0.20])) for s, x in enumerate(xs)]
     rows[0]["majority_baseline"] = {"score": 0.0}

@@ -253,6 +253,34 @@ def test_grow_edges_adds_a_value_beyond_the_end_that_wins(tmp_path, tiny_model_d
     assert f"(grid grown by {added:g}) |" in report.read_text() and "unfinished" not in report.read_text()
 
 
+def test_stages_naming_one_table_and_a_stage_moved_to_another(tmp_path, tiny_model_dir, glue_dir, capsys):
+    """Per-task rates need a stage per task; naming one table puts them in one report table. A stage moved to
+    another table after its runs finished: their lines are written again with the new place, nothing runs."""
+    stage = '[[stages]]\nname = "{0}"\ntable = "dev"\ntask = "{0}"\nseed = 0\nvariants = ["lora"]\nlearning-rate = {1}\n'
+    spec = write_spec(tmp_path, tiny_model_dir, glue_dir, stages=stage.format("rte", 1e-3) + stage.format("mrpc", 3e-2))
+    assert main(["sweep", str(spec)]) == 0
+    out = tmp_path / "results" / "t.jsonl"
+    first = lines(out)
+    assert [(r["task"], r["learning_rate"], r["sweep"]["stage"], r["sweep"]["stage_table"]) for r in first] == [
+        ("rte", 1e-3, "rte", "dev"), ("mrpc", 3e-2, "mrpc", "dev")]
+    spec.write_text(spec.read_text().replace('name = "mrpc"\ntable = "dev"', 'name = "mrpc"'))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    err = capsys.readouterr().err
+    assert "sweep t: mrpc/mrpc/lora/s0: now in table t / mrpc (was t / dev): its line is written again\n" in err
+    assert "started" not in err and "rte/rte/lora/s0: now" not in err
+    again = lines(out)
+    assert len(again) == 3 and again[2]["sweep"]["stage_table"] == "mrpc"
+    assert {k: v for k, v in again[2].items() if k != "sweep"} == {k: v for k, v in first[1].items() if k != "sweep"}
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0  # once written, the line is where the spec says
+    assert len(lines(out)) == 3 and "now in table" not in capsys.readouterr().err
+    report = tmp_path / "R.md"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "## t / dev\n\n| method | rte | LoRA params |" in text and "## t / mrpc\n\n| method | mrpc | LoRA params |" in text
+
+
 def lora_dev_specs(tmp_path, tiny_model_dir, glue_dir):
     """Spec one makes LoRA's dev seed 0; spec two, which reuses one's file, plans seeds 0 and 1."""
     def lora_dev(name, seeds, extra=""):
@@ -526,6 +554,11 @@ def test_unwritable_output_or_runs_folder_fails_before_running(tmp_path, tiny_mo
     ('\n[variants.bad]\nmethod = "lora"\nno-such-flag = 1\n', "variants.bad.no-such-flag is not a flag of prilora train"),
     ('\n[variants.bad]\nmethod = "lora"\nholdout = 8\n', "holdout is set both by variant 'bad' and by stage 'lr'"),
     ('\n[variants.bad]\nmethod = "lora"\nepochs = "many"\n', "argument --epochs: invalid float value: 'many'"),
+    ('\n[[stages]]\nname = "lr"\ntable = "a b"\n', "stage 'lr': table 'a b' is not a plain name"),
+    ('\n[[stages]]\nname = "also"\ntable = "dev"\ntask = "rte"\nseed = 5\nvariants = ["lora"]\n',
+     "stages 'also' and 'dev' share table 'dev' and both run lora on rte: one cell would mix their runs"),
+    ('\n[[stages]]\nname = "also"\ntable = "dev"\ntask = "mrpc"\nseed = 5\nholdout = 8\n',
+     "stages 'also' and 'dev' share table 'dev', but only one scores on a held-out part of train (holdout)"),
 ])
 def test_bad_specs_fail_before_running(tmp_path, tiny_model_dir, glue_dir, capsys, change, message):
     spec = write_spec(tmp_path, tiny_model_dir, glue_dir)

@@ -23,8 +23,8 @@ import sys
 from collections import Counter, defaultdict
 
 from ..run_folder import RESULTS_FILE, unwritable
-from .sweep import (Sweep, describe_left, growth_limit, next_edge, read_lines, score_of, seconds_left, select_values,
-                    study_progress)
+from .sweep import (Sweep, describe_left, growth_limit, next_edge, placement, read_lines, score_of, seconds_left,
+                    select_values, study_progress)
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -74,12 +74,13 @@ def latest(lines: list[dict]) -> tuple[list[dict], int]:
 
 
 def group_key(line: dict) -> tuple[str, str]:
-    """(table, variant): a sweep's table (its name unless the spec sets ``table``) and stage, and its variant;
-    or, for lines without a sweep record, the file (runs' own results.json files together) and the label
-    that :func:`label_unswept` gives (the method, and the settings that set its runs apart)."""
+    """(table, variant): a sweep's table (its name unless the spec sets ``table``) and its stage's (the stage's
+    name unless the stage sets ``table``), and its variant; or, for lines without a sweep record, the file
+    (runs' own results.json files together) and the label that :func:`label_unswept` gives (the method, and
+    the settings that set its runs apart)."""
     sw = line.get("sweep")
     if sw:
-        return f"{sw.get('table') or sw['name']} / {sw['stage']}", sw["variant"]
+        return " / ".join(placement(sw)), sw["variant"]
     return unswept_table(line), line.get("_label") or line.get("method", "?")
 
 
@@ -199,10 +200,10 @@ def majority_note(lines: list[dict], where: str) -> list[str]:
 def outdated(line: dict, lines: list[dict]) -> bool:
     """A run made at a value that the stage it selected from no longer chooses (its grid grew since, and
     the sweep is making it again)."""
-    table, variant = group_key(line)[0].rsplit(" / ", 1)[0], group_key(line)[1]
-    for stage, info in ((line.get("sweep") or {}).get("selected") or {}).items():
-        source = [x for x in lines if x.get("sweep") and x["task"] == line["task"]
-                  and group_key(x) == (f"{table} / {stage}", variant)]
+    sw = line.get("sweep") or {}
+    for stage, info in (sw.get("selected") or {}).items():
+        source = [x for x in lines if x.get("sweep") and x["task"] == line["task"] and x["sweep"]["stage"] == stage
+                  and placement(x["sweep"])[0] == placement(sw)[0] and x["sweep"]["variant"] == sw["variant"]]
         if source and select_values(source, list(info["chosen"]))[0] != info["chosen"]:
             return True
     return False

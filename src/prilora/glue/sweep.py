@@ -9,9 +9,10 @@ one JSON-lines file with a ``sweep`` record (stage, variant, run id, the exact c
 
 Runs are identified by what decides their outcome (the RunSpec that ``prilora train`` builds),
 so a finished run is never redone, a changed spec is caught instead of mixed in, and runs
-finished elsewhere with the same settings (``reuse = [...]``) count as done. The one change
-allowed under recorded runs is a grid that grows (by hand, or by ``grow-edges`` when the best
-value sits at an end): the runs that select from it then follow the new choice.
+finished elsewhere with the same settings (``reuse = [...]``) count as done. The changes
+allowed under recorded runs: a grid that grows (by hand, or by ``grow-edges`` when the best
+value sits at an end), and the runs that select from it then follow the new choice; and a
+stage or spec that moves to another report table, whose recorded lines are written again.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..run_folder import (RESULTS_FILE, RUN_FILE, STOP_WITH_ENV, RunError, compl
                           unwritable)
 
 SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reuse", "defaults", "variants", "stages"}
-STAGE_KEYS = {"name", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
+STAGE_KEYS = {"name", "table", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
 FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
 SELECT = "select:"
 
@@ -116,7 +117,7 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         raise SweepError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
     settings = {"name": name, "table": data.get("table", name), "output": data.get("output", f"results/{name}.jsonl"),
                 "runs_dir": data.get("runs_dir", f"runs/sweeps/{name}"), "jobs": data.get("jobs", 1),
-                "reuse": _as_list(data.get("reuse", [])), "grow": {}}
+                "reuse": _as_list(data.get("reuse", [])), "grow": {}, "stage_tables": {}}
     if not isinstance(settings["jobs"], int) or settings["jobs"] < 1:
         raise SweepError(f"{path}: jobs must be an integer >= 1, got {settings['jobs']!r}")
     known = _flag_names() - FORBIDDEN
@@ -142,6 +143,10 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
         if sname in stage_names or not re.fullmatch(r"[A-Za-z0-9._-]+", sname):
             raise SweepError(f"{path}: stage name {sname!r} is repeated or not a plain name")
         stage_names.append(sname)
+        stable = stage.get("table", sname)
+        if not isinstance(stable, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", stable):
+            raise SweepError(f"{path}: stage {sname!r}: table {stable!r} is not a plain name")
+        settings["stage_tables"][sname] = stable
         for key in ("task", "seed"):
             if key not in stage:
                 raise SweepError(f"{path}: stage {sname!r} needs {key} (a value or a list)")
@@ -195,11 +200,31 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
                         axes=axes))
     for task_runs in per_task.values():
         runs.extend(task_runs)
+    check_shared_tables(path, settings["stage_tables"], runs)
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SweepError(f"{path}: run {dup} is planned twice (a list with a repeated value?)")
     return settings, runs
+
+
+def check_shared_tables(path: str, stage_tables: dict[str, str], runs: list[PlannedRun]) -> None:
+    """Stages that name one report table (a dev table over tasks whose runs need per-task flags, such as the
+    learning rate) must not put two stages' runs in one cell, where they would be averaged as seeds, nor
+    mix runs scored on held-out training examples with runs scored on dev."""
+    cells: dict[tuple, str] = {}
+    scored_on: dict[str, tuple[bool, str]] = {}
+    for run in runs:
+        table = stage_tables[run.stage]
+        other = cells.setdefault((table, run.task, run.variant), run.stage)
+        if other != run.stage:
+            raise SweepError(f"{path}: stages {other!r} and {run.stage!r} share table {table!r} and both run "
+                             f"{run.variant} on {run.task}: one cell would mix their runs; give one its own table")
+        held_out = bool(run.flags.get("holdout"))
+        first = scored_on.setdefault(table, (held_out, run.stage))
+        if first[0] != held_out:
+            raise SweepError(f"{path}: stages {first[1]!r} and {run.stage!r} share table {table!r}, but only one "
+                             "scores on a held-out part of train (holdout): give one its own table")
 
 
 def run_id(stage: str, task, variant: str, axes: dict, seed) -> str:
@@ -235,6 +260,12 @@ def run_spec_of(flags: dict, output_dir: str) -> dict:
 
 SPEC_FIELDS = ("task", "method", "model", "seed", "recipe_name", "recipe", "prilora", "adalora", "max_steps",
                "data_source", "holdout", "precision")
+
+
+def placement(record: dict) -> tuple[str, str]:
+    """Where the report shows a run, from its line's sweep record: (the spec's table, the stage's table).
+    Lines written before stages could name a table have neither: their stage's name it is."""
+    return record.get("table") or record["name"], record.get("stage_table") or record["stage"]
 
 
 def spec_of_result(line: dict) -> dict:
@@ -566,7 +597,8 @@ class Sweep:
     def record(self, run: PlannedRun, result: dict, reused_from: str | None = None, write: bool = True) -> None:
         argv = train_argv(run.flags, self.folder(run))
         result["sweep"] = {"spec": self.path, "name": self.settings["name"], "table": self.settings["table"],
-                           "stage": run.stage, "variant": run.variant, "run": run.id,
+                           "stage": run.stage, "stage_table": self.settings["stage_tables"][run.stage],
+                           "variant": run.variant, "run": run.id,
                            "axes": {k: run.flags[k] for k in run.axes}, "selected": run.selection or None,
                            "grown": run.grown, "command": "prilora " + " ".join(argv), "reused_from": reused_from}
         run.line = result
@@ -609,6 +641,15 @@ class Sweep:
                          f"{_fmt_choice(self.choice_of(run))}: it runs again (its line stays in {self.out}, "
                          "superseded by the new one)")
             line = None
+        here = (self.settings["table"], self.settings["stage_tables"][run.stage])
+        if line is not None and placement(line["sweep"]) != here:
+            # The spec moved the run to another report table: its line is written again with the new place
+            # (the report reads a run's last line); the run and its results are the same.
+            self.log(f"{run.id}: now in table {' / '.join(here)} (was {' / '.join(placement(line['sweep']))}): "
+                     f"its line {'is' if write else 'will be'} written again")
+            moved = {k: v for k, v in line.items() if k != "sweep"}
+            self.record(run, moved, reused_from=line["sweep"].get("reused_from"), write=write)
+            return True
         if line is not None:
             run.line = line
             return True
