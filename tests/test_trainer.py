@@ -148,6 +148,31 @@ def test_state_from_another_model_is_refused(tmp_path):
         other.load(tmp_path)
 
 
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),  # the terminal that closed (SIGHUP)
+                                   RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")])
+def test_a_signal_whose_message_cannot_be_printed_still_stops_the_run(ctrl_c, monkeypatch, error):
+    """The handler prints in the middle of whatever the run was doing: a write to a terminal that closed
+    fails, and one that lands while the run itself is inside a write to stderr re-enters its buffer. Either
+    would leave the handler as an exception raised inside the training step; the stop must hold instead."""
+    import os
+    import signal
+
+    from prilora import SaveOnInterrupt
+
+    class Unwritable:
+        def write(self, text):
+            raise error
+
+        def flush(self):
+            raise error
+
+    monkeypatch.setattr("sys.stderr", Unwritable())
+    with pytest.raises(KeyboardInterrupt, match="after the last optimizer step"):
+        with SaveOnInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here; nothing may escape it
+            assert interrupt.requested
+
+
 def test_save_on_interrupt_outside_a_step_and_when_disabled(ctrl_c):
     import os
     import signal

@@ -196,7 +196,10 @@ class SaveOnInterrupt(TrainerCallback):
             try:
                 print("stopping after this optimizer step, with a checkpoint to resume from", file=sys.stderr,
                       flush=True)
-            except OSError:  # the terminal that closed (SIGHUP) cannot be written to: stop all the same
+            # The terminal that closed (SIGHUP) cannot be written to (OSError); a signal that lands while the
+            # run itself writes to stderr re-enters that stream's buffer (RuntimeError). Stop all the same:
+            # an exception here would surface inside the training step and lose it.
+            except (OSError, RuntimeError):
                 pass
 
     def _agree(self) -> bool:
