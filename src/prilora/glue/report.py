@@ -201,9 +201,10 @@ def outdated(line: dict, lines: list[dict]) -> bool:
     """A run made at a value that the stage it selected from no longer chooses (its grid grew since, and
     the sweep is making it again)."""
     sw = line.get("sweep") or {}
+    table = placement(sw)[0] if sw else None
     for stage, info in (sw.get("selected") or {}).items():
         source = [x for x in lines if x.get("sweep") and x["task"] == line["task"] and x["sweep"]["stage"] == stage
-                  and placement(x["sweep"])[0] == placement(sw)[0] and x["sweep"]["variant"] == sw["variant"]]
+                  and placement(x["sweep"])[0] == table and x["sweep"]["variant"] == sw["variant"]]
         if source and select_values(source, list(info["chosen"]))[0] != info["chosen"]:
             return True
     return False

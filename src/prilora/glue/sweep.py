@@ -38,6 +38,7 @@ SPEC_KEYS = {"name", "description", "table", "output", "runs_dir", "jobs", "reus
 STAGE_KEYS = {"name", "table", "task", "seed", "variants", "grow-edges"}  # besides flags of `prilora train`
 FORBIDDEN = {"output-dir", "resume", "overwrite", "quiet", "help"}
 SELECT = "select:"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # spec, stage and table names: they name files and folders
 
 
 class SweepError(RunError):
@@ -113,7 +114,7 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
     unknown = set(data) - SPEC_KEYS
     if unknown:
         raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(SPEC_KEYS)}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+    if not PLAIN_NAME.fullmatch(name):
         raise SweepError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
     settings = {"name": name, "table": data.get("table", name), "output": data.get("output", f"results/{name}.jsonl"),
                 "runs_dir": data.get("runs_dir", f"runs/sweeps/{name}"), "jobs": data.get("jobs", 1),
@@ -140,11 +141,11 @@ def plan(data: dict, path: str) -> tuple[dict, list[PlannedRun]]:
     per_task: dict[str, list[PlannedRun]] = {}
     for i, stage in enumerate(stages):
         sname = stage.get("name", f"stage{i + 1}")
-        if sname in stage_names or not re.fullmatch(r"[A-Za-z0-9._-]+", sname):
+        if sname in stage_names or not PLAIN_NAME.fullmatch(sname):
             raise SweepError(f"{path}: stage name {sname!r} is repeated or not a plain name")
         stage_names.append(sname)
         stable = stage.get("table", sname)
-        if not isinstance(stable, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", stable):
+        if not isinstance(stable, str) or not PLAIN_NAME.fullmatch(stable):
             raise SweepError(f"{path}: stage {sname!r}: table {stable!r} is not a plain name")
         settings["stage_tables"][sname] = stable
         for key in ("task", "seed"):
