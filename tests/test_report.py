@@ -161,6 +161,14 @@ def test_stages_that_name_one_table_share_it_where_their_last_lines_place_them(t
         row["sweep"]["selected"] = {"lr": {"chosen": {"learning-rate": 1e-3}}}
     assert main(["report", str(write(tmp_path / "r.jsonl", [before] + rows + grid)), "--out", str(out)]) == 0
     assert "| prilora | 32.00 ± 2.83 (2) | 79.00 ± 1.41 (2) † | 55.50 |" in out.read_text()
+    # All four runs were first written before the grid's runs, then written again after them: their table
+    # keeps the place of their first lines, ahead of the grid's.
+    first = [json.loads(json.dumps(row)) for row in rows]
+    for row in first:
+        del row["sweep"]["stage_table"]
+    assert main(["report", str(write(tmp_path / "r.jsonl", first + grid + rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "on-mrpc" not in text and text.index("## study / dev") < text.index("## study / grid")
 
 
 def test_a_table_of_one_task_has_no_average_column(tmp_path):

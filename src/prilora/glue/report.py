@@ -64,13 +64,13 @@ def load(paths: list[str]) -> list[dict]:
 def latest(lines: list[dict]) -> tuple[list[dict], int]:
     """The last line of every sweep run: a run made again (its stage's choice changed when the grid it
     selects from grew) supersedes its earlier line, which the file keeps. Returns the lines kept and
-    the number left out."""
-    last = {}
+    the number left out. A run keeps the place of its first line, so that a run written again (made again, or
+    moved to another table) does not move its table, or its row, behind the ones made after it."""
+    last = {}  # the run's key -> its last line; a dict keeps the order keys are first seen in
     for i, line in enumerate(lines):
         sw = line.get("sweep")
-        last[(line["_file"], sw["name"], sw["run"]) if sw and sw.get("run") else i] = i
-    kept = sorted(last.values())
-    return [lines[i] for i in kept], len(lines) - len(kept)
+        last[(line["_file"], sw["name"], sw["run"]) if sw and sw.get("run") else i] = line
+    return list(last.values()), len(lines) - len(last)
 
 
 def group_key(line: dict) -> tuple[str, str]:
