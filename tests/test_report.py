@@ -525,3 +525,19 @@ def test_a_grid_is_complete_against_its_own_spec_and_copied_lines_are_not_counte
     assert "| mrpc | adalora | 0.0005: 60.00 (1) · 0.001: 70.00 (1) · 0.002: 72.00 (1) · **0.004: 75.00 (1)** | 0.004 |" \
         in text
     assert "from the raw results alone (7 runs; and 1 line(s) that copy runs of an earlier file into a later table)" in text
+
+
+def test_a_grid_value_planned_by_the_spec_without_a_line_yet_leaves_the_choice_open(tmp_path):
+    """The one run of 1e-3 has finished; 2e-3 is planned but has no line yet (still training). The spec says so;
+    without it (moved away), the report can judge only from the lines."""
+    spec = tmp_path / "study.toml"
+    spec.write_text('name = "study"\n[variants.prilora]\nmethod = "prilora"\n[[stages]]\nname = "lr"\n'
+                    'task = "mrpc"\nseed = 0\nholdout = 0.1\nlearning-rate = [1e-3, 2e-3]\n')
+    row = line("mrpc", "prilora", 0, 0.80, stage="lr", lr=1e-3, holdout=0.1)
+    row["sweep"]["spec"] = str(spec)
+    results, out = write(tmp_path / "r.jsonl", [row]), tmp_path / "R.md"
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    assert "| mrpc | prilora | **0.001: 80.00 (1)** | 0.001 so far (grid unfinished) |" in out.read_text()
+    spec.rename(tmp_path / "elsewhere.toml")
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    assert "| mrpc | prilora | **0.001: 80.00 (1)** | 0.001 |" in out.read_text()

@@ -23,7 +23,7 @@ import sys
 from collections import Counter, defaultdict
 
 from ..run_folder import RESULTS_FILE, unwritable
-from .sweep import (Sweep, describe_left, growth_limit, next_edge, placement, read_lines, score_of, seconds_left,
+from .sweep import (Sweep, describe_left, next_edge, placement, read_lines, score_of, seconds_left, stage_grid,
                     select_values, study_progress)
 from .tasks import TASKS
 
@@ -456,9 +456,10 @@ def selection_table(lines: list[dict]) -> list[str]:
         specs = {x["sweep"].get("name") for x in glines}  # sweeps sharing a table may have other grids
         grid = {x["sweep"]["axes"].get(key) for x in lines  # this method's grid in its spec, before any growth
                 if group_key(x)[1] == variant and x["sweep"].get("name") in specs and not x["sweep"].get("grown")}
-        complete = grid <= set(values)
         record = glines[0]["sweep"]
-        limit = growth_limit(record["spec"], record["stage"]) if len(specs) == 1 and record.get("spec") else 0
+        limit, planned = stage_grid(record["spec"], record["stage"], task, variant, key) \
+            if len(specs) == 1 and record.get("spec") else (0, set())
+        complete = grid | planned <= set(values)  # the spec, where readable, knows values no line has yet
         beyond = next_edge(values, chosen[key], sum(bool(x["sweep"].get("grown")) for x in glines),
                            len({x["seed"] for x in glines}), limit)
         choice = _value(chosen[key]) if complete and beyond is None else \

@@ -18,7 +18,6 @@ stage or spec that moves to another report table, whose recorded lines are writt
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import itertools
 import json
@@ -365,13 +364,16 @@ def next_edge(grid: list, chosen, grown: int, seeds: int, limit: int):
     return grid[-1] * 2 if chosen == grid[-1] else grid[0] / 2
 
 
-@functools.lru_cache(maxsize=None)  # a report asks once per task and method
-def growth_limit(spec_path: str, stage: str) -> int:
-    """A stage's ``grow-edges`` in its spec; 0 where the spec cannot be read (a report from results alone)."""
+def stage_grid(spec_path: str, stage: str, task: str, variant: str, key: str) -> tuple[int, set]:
+    """A stage's ``grow-edges`` in its spec, and the values of axis ``key`` it plans for one task and variant
+    (before any growth): a grid whose runs have not all finished is then known to be unfinished. ``(0, set())``
+    where the spec cannot be read (a report from results alone)."""
     try:
-        return plan(load_spec_file(spec_path), spec_path)[0]["grow"].get(stage, 0)
+        settings, runs = plan(load_spec_file(spec_path), spec_path)
     except SweepError:
-        return 0
+        return 0, set()
+    return settings["grow"].get(stage, 0), {r.axes[key] for r in runs if (r.stage, r.task, r.variant) == (
+        stage, task, variant) and key in r.axes}
 
 
 def score_of(line: dict) -> float:
