@@ -541,3 +541,30 @@ def test_a_grid_value_planned_by_the_spec_without_a_line_yet_leaves_the_choice_o
     spec.rename(tmp_path / "elsewhere.toml")
     assert main(["report", str(results), "--out", str(out)]) == 0
     assert "| mrpc | prilora | **0.001: 80.00 (1)** | 0.001 |" in out.read_text()
+
+
+def test_a_grid_table_reads_its_spec_once_and_afresh_on_each_report(tmp_path, monkeypatch):
+    """Two methods' grids from one spec: one read of it per report, not one per cell; a spec edited between
+    two reports (a value added to lora's grid) is seen by the second."""
+    from prilora.glue import sweep
+    reads = []
+    load = sweep.load_spec_file
+    monkeypatch.setattr(sweep, "load_spec_file", lambda path: reads.append(path) or load(path))
+    spec = tmp_path / "study.toml"
+    head = 'name = "study"\n[variants.prilora]\nmethod = "prilora"\n[variants.lora]\nmethod = "lora"\n' \
+           '[[stages]]\nname = "lr"\ntask = "mrpc"\nseed = 0\nholdout = 0.1\n'
+    spec.write_text(head + 'learning-rate = [1e-3, 2e-3]\n')
+    rows = [line("mrpc", v, 0, s, stage="lr", lr=lr, holdout=0.1)
+            for v, lr, s in (("prilora", 1e-3, 0.80), ("prilora", 2e-3, 0.78), ("lora", 1e-3, 0.79), ("lora", 2e-3, 0.81))]
+    for row in rows:
+        row["sweep"]["spec"] = str(spec)
+    results, out = write(tmp_path / "r.jsonl", rows), tmp_path / "R.md"
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    assert reads == [str(spec)]
+    assert "| mrpc | lora | 0.001: 79.00 (1) · **0.002: 81.00 (1)** | 0.002 |" in out.read_text()
+    spec.write_text(head + 'learning-rate = { "*" = [1e-3, 2e-3], lora = [1e-3, 2e-3, 3e-3] }\n')
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    assert reads == [str(spec)] * 2
+    text = out.read_text()
+    assert "| mrpc | lora | 0.001: 79.00 (1) · **0.002: 81.00 (1)** | 0.002 so far (grid unfinished) |" in text
+    assert "| mrpc | prilora | **0.001: 80.00 (1)** · 0.002: 78.00 (1) | 0.001 |" in text

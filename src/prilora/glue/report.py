@@ -23,8 +23,8 @@ import sys
 from collections import Counter, defaultdict
 
 from ..run_folder import RESULTS_FILE, unwritable
-from .sweep import (Sweep, describe_left, next_edge, placement, read_lines, score_of, seconds_left, stage_grid,
-                    select_values, study_progress)
+from .sweep import (Sweep, describe_left, next_edge, placement, read_lines, read_plan, score_of, seconds_left,
+                    select_values, stage_grid, study_progress)
 from .tasks import TASKS
 
 TASK_ORDER = list(TASKS)
@@ -446,6 +446,7 @@ def selection_table(lines: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         groups[(line["task"], group_key(line)[1])].append(line)
+    plans: dict[str, tuple | None] = {}  # each spec read once per table, and afresh on the next call
     for (task, variant), glines in sorted(groups.items(), key=lambda kv: (TASK_ORDER.index(kv[0][0]), kv[0][1])):
         chosen, _ = select_values(glines, [key])
         values = sorted({x["sweep"]["axes"].get(key) for x in glines})
@@ -457,8 +458,10 @@ def selection_table(lines: list[dict]) -> list[str]:
         grid = {x["sweep"]["axes"].get(key) for x in lines  # this method's grid in its spec, before any growth
                 if group_key(x)[1] == variant and x["sweep"].get("name") in specs and not x["sweep"].get("grown")}
         record = glines[0]["sweep"]
-        limit, planned = stage_grid(record["spec"], record["stage"], task, variant, key) \
-            if len(specs) == 1 and record.get("spec") else (0, set())
+        spec = record.get("spec") if len(specs) == 1 else None
+        if spec and spec not in plans:
+            plans[spec] = read_plan(spec)
+        limit, planned = stage_grid(plans.get(spec), record["stage"], task, variant, key)
         complete = grid | planned <= set(values)  # the spec, where readable, knows values no line has yet
         beyond = next_edge(values, chosen[key], sum(bool(x["sweep"].get("grown")) for x in glines),
                            len({x["seed"] for x in glines}), limit)

@@ -364,14 +364,22 @@ def next_edge(grid: list, chosen, grown: int, seeds: int, limit: int):
     return grid[-1] * 2 if chosen == grid[-1] else grid[0] / 2
 
 
-def stage_grid(spec_path: str, stage: str, task: str, variant: str, key: str) -> tuple[int, set]:
-    """A stage's ``grow-edges`` in its spec, and the values of axis ``key`` it plans for one task and variant
-    (before any growth): a grid whose runs have not all finished is then known to be unfinished. ``(0, set())``
-    where the spec cannot be read (a report from results alone)."""
+def read_plan(spec_path: str) -> tuple[dict, list[PlannedRun]] | None:
+    """A spec's settings and runs, or None where it cannot be read (a report from results alone)."""
     try:
-        settings, runs = plan(load_spec_file(spec_path), spec_path)
+        return plan(load_spec_file(spec_path), spec_path)
     except SweepError:
+        return None
+
+
+def stage_grid(spec_plan: tuple[dict, list[PlannedRun]] | None, stage: str, task: str, variant: str,
+               key: str) -> tuple[int, set]:
+    """A stage's ``grow-edges`` in its spec's plan (from ``read_plan``), and the values of axis ``key`` it plans
+    for one task and variant (before any growth): a grid whose runs have not all finished is then known to be
+    unfinished. ``(0, set())`` without a plan."""
+    if spec_plan is None:
         return 0, set()
+    settings, runs = spec_plan
     return settings["grow"].get(stage, 0), {r.axes[key] for r in runs if (r.stage, r.task, r.variant) == (
         stage, task, variant) and key in r.axes}
 
