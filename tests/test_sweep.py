@@ -88,6 +88,10 @@ def test_plan_ids_and_dry_run(tmp_path, tiny_model_dir, glue_dir, capsys):
 def test_sweep_runs_selects_skips_and_reuses(tmp_path, tiny_model_dir, glue_dir, capsys):
     spec = write_spec(tmp_path, tiny_model_dir, glue_dir)
     assert main(["sweep", str(spec)]) == 0
+    # Dev seeds start as soon as their method's grid is done, before the grids left: when a fifth run starts,
+    # three of the four prilora/lora grid runs have finished, so one of the two grids is complete.
+    err = capsys.readouterr().err
+    assert err.index("started dev/rte/") < err.index("started lr/rte/full/")
     out = tmp_path / "results" / "t.jsonl"
     rows = lines(out)
     assert len(rows) == 11 and len({r["sweep"]["run"] for r in rows}) == 11

@@ -783,10 +783,13 @@ class Sweep:
 
     def take(self, blocked) -> PlannedRun | None:
         """The next run to start: the first one whose values are chosen and that ``blocked`` lets through.
+        Runs that take a chosen value (the dev seeds) go before the grids still to run, so that a sweep
+        stopped part way has as many finished table cells as it can, not grids that no cell uses yet.
         A run found finished meanwhile (its choice resolved to a run made before, or an earlier spec of
         the same command made it) is recorded, not returned."""
         while True:
-            ready = next((r for r in self.todo if self._ready(r, self.done) and not blocked(r)), None)
+            order = sorted(self.todo, key=lambda r: not r.selects)  # stable: plan order within each group
+            ready = next((r for r in order if self._ready(r, self.done) and not blocked(r)), None)
             if self.added:  # grow() planned runs while looking: they go first
                 self.todo[:0] = self.added
                 self.added = []
