@@ -107,6 +107,32 @@ def test_the_average_over_tasks_is_tested_with_every_task_s_seeds(tmp_path):
     assert "| average of 2 | adalora |" not in text and "| mrpc | adalora |" in text
 
 
+def test_a_row_on_some_of_the_tasks_is_averaged_over_the_tasks_it_shares(tmp_path):
+    """A study part way: adalora has two of the three tasks. Its average row covers those two, named, and
+    equals the test of those two tasks alone; lora, on all three, keeps the plain label."""
+    from scipy.stats import t as student_t
+
+    p, q, r = {"cola": [0.30, 0.34, 0.29], "mrpc": [0.80, 0.78, 0.79], "rte": [0.55, 0.54, 0.53]}, \
+        {"cola": [0.31, 0.33, 0.36], "mrpc": [0.77, 0.78, 0.76], "rte": [0.56, 0.58, 0.55]}, \
+        {"cola": [0.25, 0.27], "mrpc": [0.74, 0.70, 0.75]}
+    rows = [line(task, name, s, v) for name, got in (("prilora", p), ("lora", q), ("adalora", r))
+            for task, values in got.items() for s, v in enumerate(values)]
+    out = tmp_path / "R.md"
+    assert main(["report", str(write(tmp_path / "r.jsonl", rows)), "--out", str(out)]) == 0
+    text = out.read_text()
+    # Independently: each task's difference of means, averaged; the variance of that average is the sum of
+    # the four groups' var/n over 2 squared; Welch-Satterthwaite degrees of freedom over the same four terms.
+    terms = [(statistics.variance([x * 100 for x in xs]) / len(xs) / 4, len(xs))
+             for task in ("cola", "mrpc") for xs in (p[task], r[task])]
+    se = sum(v for v, _ in terms) ** 0.5
+    df = se ** 4 / sum(v ** 2 / (n - 1) for v, n in terms)
+    diff = statistics.fmean(100 * (statistics.fmean(p[t]) - statistics.fmean(r[t])) for t in ("cola", "mrpc"))
+    t = diff / se
+    assert (f"| average of 2 (cola, mrpc) | adalora | {diff:+.2f} | {t:.2f} | {df:.1f} | "
+            f"{2 * student_t.sf(abs(t), df):.3f} | ±{student_t.ppf(0.975, df) * se:.2f} | 3 + 3 vs 2 + 3 |") in text
+    assert "| average of 3 | lora |" in text and "| average of 3 | adalora |" not in text
+
+
 def test_a_p_value_under_one_in_a_thousand_is_not_printed_as_zero(tmp_path):
     """Far-apart, tight seeds: scipy's p is about 1e-6, which three decimals would print as 0.000."""
     from scipy.stats import ttest_ind

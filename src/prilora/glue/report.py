@@ -321,9 +321,10 @@ def average_test(pairs: list[tuple[list[float], list[float]]]) -> tuple[float, f
 
 
 def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozenset()) -> list[str]:
-    """The reference variant against every other, per task and (for a row with every task) over the average
-    of the tasks: difference of the mean scores (points) and Welch's t-test over seeds; collapsed runs are
-    left out, as in the score table; † as there."""
+    """The reference variant against every other, per task and over the average of the tasks both have (two or
+    more; named when not all of the table's, so that a study part way still compares rows over what they
+    share): difference of the mean scores (points) and Welch's t-test over seeds; collapsed runs are left
+    out, as in the score table; † as there."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         groups[(line["task"], group_key(line)[1])].append(line)
@@ -347,13 +348,14 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
             row(task, variant, statistics.fmean(a) - statistics.fmean(b), welch(a, b), f"{len(a)} vs {len(b)}",
                 groups[(task, reference)] + groups[(task, variant)])
     for variant in variants:
-        pairs = [(scores(groups.get((t, reference), [])), scores(groups.get((t, variant), []))) for t in tasks]
-        if variant == reference or len(tasks) < 2 or not all(a and b for a, b in pairs):
+        shared = [t for t in tasks if scores(groups.get((t, reference), [])) and scores(groups.get((t, variant), []))]
+        if variant == reference or len(shared) < 2:
             continue
-        row(f"average of {len(tasks)}", variant, statistics.fmean(statistics.fmean(a) - statistics.fmean(b)
-                                                                  for a, b in pairs),
+        pairs = [(scores(groups[(t, reference)]), scores(groups[(t, variant)])) for t in shared]
+        label = f"average of {len(shared)}" + ("" if len(shared) == len(tasks) else f" ({', '.join(shared)})")
+        row(label, variant, statistics.fmean(statistics.fmean(a) - statistics.fmean(b) for a, b in pairs),
             average_test(pairs), " + ".join(str(len(a)) for a, _ in pairs) + " vs " + " + ".join(str(len(b)) for _, b in pairs),
-            [x for t in tasks for x in groups[(t, reference)] + groups[(t, variant)]])
+            [x for t in shared for x in groups[(t, reference)] + groups[(t, variant)]])
     return out if len(out) > 2 else []
 
 
@@ -805,8 +807,8 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
                        " 95% confidence interval of the difference (the difference ± this: gaps of that size either"
                        " way are not ruled out)."
                        " The average row tests the average over tasks: each task's mean difference averaged,"
-                       " their variances added (seeds of different tasks are independent runs); it is shown for a row"
-                       " with runs on every task. Not corrected for the number of comparisons.", ""] + compared
+                       " their variances added (seeds of different tasks are independent runs), over the tasks"
+                       " both rows have (named when not all). Not corrected for the number of comparisons.", ""] + compared
         md.append("")
     if plot_ranks(lines, os.path.join(plots_dir, "ranks.png")):
         md += ["## Ranks per layer", "", f"![ranks per layer]({rel}/ranks.png)", ""]
