@@ -790,7 +790,7 @@ class Sweep:
         while True:
             order = sorted(self.todo, key=lambda r: not r.selects)  # stable: plan order within each group
             ready = next((r for r in order if self._ready(r, self.done) and not blocked(r)), None)
-            if self.added:  # grow() planned runs while looking: they go first
+            if self.added:  # grow() planned runs while looking: they go first among the grids
                 self.todo[:0] = self.added
                 self.added = []
                 continue
