@@ -348,10 +348,13 @@ def comparison_table(lines: list[dict], reference: str, stale: set[int] = frozen
             row(task, variant, statistics.fmean(a) - statistics.fmean(b), welch(a, b), f"{len(a)} vs {len(b)}",
                 groups[(task, reference)] + groups[(task, variant)])
     for variant in variants:
-        shared = [t for t in tasks if scores(groups.get((t, reference), [])) and scores(groups.get((t, variant), []))]
-        if variant == reference or len(shared) < 2:
+        if variant == reference:
             continue
-        pairs = [(scores(groups[(t, reference)]), scores(groups[(t, variant)])) for t in shared]
+        both = {t: (scores(groups.get((t, reference), [])), scores(groups.get((t, variant), []))) for t in tasks}
+        shared = [t for t, (a, b) in both.items() if a and b]
+        if len(shared) < 2:
+            continue
+        pairs = [both[t] for t in shared]
         label = f"average of {len(shared)}" + ("" if len(shared) == len(tasks) else f" ({', '.join(shared)})")
         row(label, variant, statistics.fmean(statistics.fmean(a) - statistics.fmean(b) for a, b in pairs),
             average_test(pairs), " + ".join(str(len(a)) for a, _ in pairs) + " vs " + " + ".join(str(len(b)) for _, b in pairs),
