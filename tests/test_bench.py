@@ -30,10 +30,11 @@ def test_bench_writes_every_measurement(tiny_model_dir, tmp_path, capsys):
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert round(kinds["optimizer_state"] * 2**20) == 2 * sum(4 * p.numel() for p in trainable) + 4 * len(trainable)
     # PRILoRA's memory over the same schedule unpruned: its statistics (an EMA and an accumulator per
-    # adapted input feature, a counter of skipped steps) and at most one cached squared-norm vector; no
-    # activation kept alive.
+    # adapted input feature, a counter of skipped steps, the number of features of each module) and at
+    # most one cached squared-norm vector; no activation kept alive.
     pruner = build("prilora", load_base(str(tiny_model_dir))[0], "SEQ_CLS", 10)[2].__self__
-    stats = [t for store in (pruner.stats.emas, pruner.stats.accs) for t in store.values()] + [pruner.stats._skipped]
+    stats = [t for store in (pruner.stats.emas, pruner.stats.accs) for t in store.values()] + \
+        [pruner.stats._skipped, pruner.stats._sizes]
     extra = round((r["memory"]["prilora"]["tensor_peak_mb"] - r["memory"]["linear"]["tensor_peak_mb"]) * 2**20)
     assert 0 <= extra - sum(t.numel() * t.element_size() for t in stats) <= 4 * max(t.numel() for t in stats)
     assert r["step"]["adalora"]["ratio_to_prilora"] == pytest.approx(

@@ -246,6 +246,58 @@ def test_non_finite_batch_does_not_poison_the_ema():
         pruner.prune()
 
 
+def test_ema_update_skips_only_the_modules_whose_sums_are_not_finite():
+    _, pruner = make()
+    stats = pruner.stats
+    names = list(stats.accs)
+    assert len(names) == 3
+    g = torch.Generator().manual_seed(0)
+    for rnd in range(2):  # the second update starts from a non-zero EMA
+        before = {n: stats.emas[n].clone() for n in names}
+        sums = {n: torch.rand(D_IN, generator=g) * (i + 1) for i, n in enumerate(names)}
+        for n in names:
+            stats.accs[n].copy_(sums[n])
+        if rnd == 1:
+            stats.accs[names[0]][3] = float("nan")
+            stats.accs[names[2]][-1] = float("inf")
+        stats.update()
+        for i, n in enumerate(names):
+            if rnd == 1 and i != 1:
+                assert torch.equal(stats.emas[n], before[n])
+            else:  # EMA of the norms, computed here element by element
+                expected = torch.tensor([stats.beta * float(e) + (1 - stats.beta) * float(a) ** 0.5
+                                         for e, a in zip(before[n], sums[n])])
+                torch.testing.assert_close(stats.emas[n], expected)
+            assert not stats.accs[n].any()
+    assert int(stats._skipped) == 1  # one step skipped, however many modules it hit
+    with pytest.raises(ValueError, match="already tracks the input of"):
+        stats.track(names[0], pruner.sites[0].stats_module, D_IN, torch.device("cpu"))
+
+
+def test_ema_update_runs_as_many_operations_for_many_modules_as_for_few():
+    """On a GPU a step is bound by its number of operations: the update must not loop over modules."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for layers in (2, 12):
+        torch.manual_seed(0)
+        model, pruner = get_prilora_model(ParallelLayers(num_layers=layers, d_in=D_IN, d_out=D_OUT),
+                                          PriLoraConfig(target_modules=["proj"], r_start=2, r_end=6))
+        assert len(pruner.stats.accs) == layers
+        Count.n = 0
+        with Count():
+            pruner.stats.update()
+        counts.append(Count.n)
+    assert counts[0] == counts[1] and counts[0] < 20
+
+
 def test_statistics_follow_a_model_moved_after_wrapping():
     # The Trainer moves the model to its device (and users cast it) after get_prilora_model.
     model, pruner = make(prune_interval=1, prune_start=0, prune_end=1)

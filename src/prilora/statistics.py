@@ -9,6 +9,10 @@ and shared.
 Squared norms are summed over all micro-batches of an optimizer step and turned into a
 norm only at the step, so gradient accumulation (and, later, a cross-process sum) sees
 the same statistic as one large batch.
+
+All modules' sums and EMAs live in two flat buffers (the per-module tensors are views of them),
+so the per-step update is about a dozen operations whatever the number of modules, not ten per
+module: on a GPU a step can be bound by its number of operations (docs/BENCHMARKS.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ class InputNormEMA:
     def __init__(self, beta: float, should_collect: Callable[[], bool]):
         self.beta = beta
         self._should_collect = should_collect
-        self.emas: dict[str, torch.Tensor] = {}
-        self.accs: dict[str, torch.Tensor] = {}
+        self.emas: dict[str, torch.Tensor] = {}  # views of _ema, one per module
+        self.accs: dict[str, torch.Tensor] = {}  # views of _acc
+        self._ema: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None
+        self._sizes: torch.Tensor | None = None  # features per module, in the order of the buffers
         self.updates = 0  # optimizer steps folded into the EMA (for bias correction)
         self._handles: list[RemovableHandle] = []
         self._last_input: weakref.ref | None = None  # weak: a strong one kept the input alive (24 MiB on MiniLM)
@@ -39,10 +46,18 @@ class InputNormEMA:
 
     def track(self, name: str, module: nn.Module, num_features: int, device: torch.device) -> None:
         """Collect the norms of the features of ``module``'s input (``x``, first positional)."""
-        self.emas[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
-        self.accs[name] = torch.zeros(num_features, dtype=torch.float32, device=device)
+        if name in self.emas:
+            raise ValueError(f"PRILoRA already tracks the input of {name!r}")
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        zeros = torch.zeros(num_features, dtype=torch.float32, device=self._skipped.device)
+        # Grow the buffers by one module (tracking happens once, at wrapping time).
+        self._ema = zeros.clone() if self._ema is None else torch.cat([self._ema, zeros])
+        self._acc = zeros.clone() if self._acc is None else torch.cat([self._acc, zeros])
+        size = torch.tensor([num_features], device=self._skipped.device)
+        self._sizes = size if self._sizes is None else torch.cat([self._sizes, size])
+        self.emas[name] = self.accs[name] = zeros  # placeholders, in tracking order
+        self._split()
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if not mod.training or not self._should_collect():
@@ -59,12 +74,17 @@ class InputNormEMA:
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
+    def _split(self) -> None:
+        """Point the per-module tensors at their slices of the flat buffers."""
+        sizes = [t.numel() for t in self.emas.values()]
+        self.emas = dict(zip(self.emas, self._ema.split(sizes)))
+        self.accs = dict(zip(self.accs, self._acc.split(sizes)))
+
     def to(self, device: torch.device) -> None:
         """Move the statistics to ``device`` (they follow the model's inputs)."""
-        for store in (self.emas, self.accs):
-            for name in store:
-                store[name] = store[name].to(device)
+        self._ema, self._acc, self._sizes = self._ema.to(device), self._acc.to(device), self._sizes.to(device)
         self._skipped = self._skipped.to(device)
+        self._split()
 
     def _squared_norms(self, x: torch.Tensor) -> torch.Tensor:
         # Identity plus version: a tensor modified in place since is not the same input.
@@ -83,25 +103,19 @@ class InputNormEMA:
         """Sum this step's squared norms over all processes (one flat all-reduce)."""
         import torch.distributed as dist
 
-        names = list(self.accs)
-        flat = torch.cat([self.accs[n] for n in names])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for name, part in zip(names, flat.split([self.accs[n].numel() for n in names])):
-            self.accs[name].copy_(part)
+        dist.all_reduce(self._acc, op=dist.ReduceOp.SUM, group=group)
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold this step's sums into the EMA; a step with a non-finite value is skipped."""
+        """Fold this step's sums into the EMA; a module with a non-finite sum keeps its EMA this step."""
         self._last_input = self._last_sq = None  # release the cached activation
-        weight = 1.0 - self.beta
-        bad = torch.zeros((), dtype=torch.bool, device=self._skipped.device)
-        for name, acc in self.accs.items():
-            ema = self.emas[name]
-            finite = torch.isfinite(acc).all()
-            ema.copy_(torch.where(finite, torch.lerp(ema, acc.sqrt(), weight), ema))
-            bad |= ~finite
-            acc.zero_()
-        self._skipped.add_(bad.to(torch.int64))
+        # The L1 norm of a module's sums is non-finite exactly when one of them is (they are sums of
+        # squares, so no inf - inf); that verdict then covers all the module's features.
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(list(self.accs.values()), 1)))
+        keep = torch.repeat_interleave(finite, self._sizes, output_size=self._acc.numel())
+        self._ema.copy_(torch.where(keep, torch.lerp(self._ema, self._acc.sqrt(), 1.0 - self.beta), self._ema))
+        self._skipped.add_((~finite).any().to(torch.int64))
+        self._acc.zero_()
         self.updates += 1
 
     def norms(self, name: str) -> torch.Tensor:
@@ -127,8 +141,9 @@ class InputNormEMA:
         self._last_input = self._last_sq = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"ema.{n}": t for n, t in self.emas.items()}
-        state.update({f"acc.{n}": t for n, t in self.accs.items()})
+        # Copies: views of one buffer share its storage, which safetensors refuses to save.
+        state = {f"ema.{n}": t.clone() for n, t in self.emas.items()}
+        state.update({f"acc.{n}": t.clone() for n, t in self.accs.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
