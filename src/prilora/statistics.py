@@ -11,8 +11,8 @@ norm only at the step, so gradient accumulation (and, later, a cross-process sum
 the same statistic as one large batch.
 
 All modules' sums and EMAs live in two flat buffers (the per-module tensors are views of them),
-so the per-step update is about a dozen operations whatever the number of modules, not ten per
-module: on a GPU a step can be bound by its number of operations (docs/BENCHMARKS.md, "On a GPU").
+so the per-step update is under twenty operations whatever the number of modules, not a dozen
+per module: on a GPU a step can be bound by its number of operations (docs/BENCHMARKS.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -48,16 +48,15 @@ class InputNormEMA:
         """Collect the norms of the features of ``module``'s input (``x``, first positional)."""
         if name in self.emas:
             raise ValueError(f"PRILoRA already tracks the input of {name!r}")
-        if self._skipped is None:
+        if self._skipped is None:  # the first module: empty buffers on its device
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        zeros = torch.zeros(num_features, dtype=torch.float32, device=self._skipped.device)
+            self._ema = self._acc = torch.zeros(0, dtype=torch.float32, device=device)
+            self._sizes = torch.zeros(0, dtype=torch.int64, device=device)
         # Grow the buffers by one module (tracking happens once, at wrapping time).
-        self._ema = zeros.clone() if self._ema is None else torch.cat([self._ema, zeros])
-        self._acc = zeros.clone() if self._acc is None else torch.cat([self._acc, zeros])
-        size = torch.tensor([num_features], device=self._skipped.device)
-        self._sizes = size if self._sizes is None else torch.cat([self._sizes, size])
-        self.emas[name] = self.accs[name] = zeros  # placeholders, in tracking order
-        self._split()
+        zeros = torch.zeros(num_features, dtype=torch.float32, device=self._ema.device)
+        self._ema, self._acc = torch.cat([self._ema, zeros]), torch.cat([self._acc, zeros])
+        self._sizes = torch.cat([self._sizes, torch.tensor([num_features], device=self._sizes.device)])
+        self._split([*self.emas, name])
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if not mod.training or not self._should_collect():
@@ -74,17 +73,17 @@ class InputNormEMA:
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _split(self) -> None:
-        """Point the per-module tensors at their slices of the flat buffers."""
-        sizes = [t.numel() for t in self.emas.values()]
-        self.emas = dict(zip(self.emas, self._ema.split(sizes)))
-        self.accs = dict(zip(self.accs, self._acc.split(sizes)))
+    def _split(self, names: list[str]) -> None:
+        """Point the per-module tensors at their slices of the flat buffers (names in tracking order)."""
+        sizes = self._sizes.tolist()
+        self.emas = dict(zip(names, self._ema.split(sizes)))
+        self.accs = dict(zip(names, self._acc.split(sizes)))
 
     def to(self, device: torch.device) -> None:
         """Move the statistics to ``device`` (they follow the model's inputs)."""
         self._ema, self._acc, self._sizes = self._ema.to(device), self._acc.to(device), self._sizes.to(device)
         self._skipped = self._skipped.to(device)
-        self._split()
+        self._split(list(self.emas))
 
     def _squared_norms(self, x: torch.Tensor) -> torch.Tensor:
         # Identity plus version: a tensor modified in place since is not the same input.
