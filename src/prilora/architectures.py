@@ -23,6 +23,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
     "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "mpnet": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -34,7 +35,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 # Bidirectional encoders: transformers can put an LM head on them, but they are not causal LMs.
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "deberta", "distilbert"})
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "deberta", "distilbert",
+                                 "mpnet"})
 
 # Layer stacks of BERT/RoBERTa/DeBERTa (encoder.layer.N), DistilBERT (transformer.layer.N),
 # GPT-2 (h.N) and LLaMA/Mistral/Qwen2/OPT (layers.N).

