@@ -534,3 +534,17 @@ def test_diverged_run_is_marked_collapsed_with_strict_json(tmp, glue_dir, capsys
 ])
 def test_bad_recipe_values(tmp, glue_dir, capsys, flags, message):
     assert error_of(capsys, train(tmp, glue_dir, *flags)) == f"prilora train: error: {message}"
+
+
+def test_compiled_run_prunes_as_the_eager_one(tmp, glue_dir):
+    """`prilora train --compile` trains through Trainer's torch_compile; same data and seed: the same zeros in A."""
+    assert train(tmp, glue_dir, "--max-steps", "3", "--prune-interval", "1", out="eager") == 0
+    assert train(tmp, glue_dir, "--max-steps", "3", "--prune-interval", "1", "--compile", out="compiled") == 0
+    assert results(tmp, "compiled")["compiled"] is True and results(tmp, "eager")["compiled"] is False
+    assert results(tmp, "compiled")["a_sparsity"] == 0.5
+    eager, compiled = (load_file(tmp["root"] / out / "adapter_model.safetensors") for out in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        if "lora_A" in key:
+            assert torch.equal(eager[key] == 0, compiled[key] == 0), key
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)

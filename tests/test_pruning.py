@@ -1,5 +1,6 @@
 """Pruning checked against an independent computation of importance and of the input norms."""
 
+import warnings
 import weakref
 
 import pytest
@@ -242,8 +243,11 @@ def test_non_finite_batch_does_not_poison_the_ema():
     pruner.stats.update()  # the step with the inf batch
     for s in pruner.sites:
         assert torch.equal(pruner.stats.emas[s.name], good[s.name])
-    with pytest.warns(RuntimeWarning, match="skipped the input norms of 1 optimizer step"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an event reads nothing back from the device: no warning there
         pruner.prune()
+    with pytest.warns(RuntimeWarning, match="skipped the input norms of 1 optimizer step"):
+        pruner.finalize()  # where the host reads anyway (and checkpoints: state_dict)
 
 
 def test_ema_update_skips_only_the_modules_whose_sums_are_not_finite():
@@ -254,7 +258,7 @@ def test_ema_update_skips_only_the_modules_whose_sums_are_not_finite():
     g = torch.Generator().manual_seed(0)
     for rnd in range(2):  # the second update starts from a non-zero EMA
         before = {n: stats.emas[n].clone() for n in names}
-        sums = {n: torch.rand(D_IN, generator=g) * (i + 1) for i, n in enumerate(names)}
+        sums = {n: torch.rand(D_IN, generator=g) * (i + 1) for i, n in enumerate(names)}  # a step's norms
         for n in names:
             stats.accs[n].copy_(sums[n])
         if rnd == 1:
@@ -265,11 +269,11 @@ def test_ema_update_skips_only_the_modules_whose_sums_are_not_finite():
             if rnd == 1 and i != 1:
                 assert torch.equal(stats.emas[n], before[n])
             else:  # EMA of the norms, computed here element by element
-                expected = torch.tensor([stats.beta * float(e) + (1 - stats.beta) * float(a) ** 0.5
+                expected = torch.tensor([stats.beta * float(e) + (1 - stats.beta) * float(a)
                                          for e, a in zip(before[n], sums[n])])
                 torch.testing.assert_close(stats.emas[n], expected)
             assert not stats.accs[n].any()
-    assert int(stats._skipped) == 1  # one step skipped, however many modules it hit
+    assert stats.skipped_steps() == 1  # one step skipped, however many modules it hit
     with pytest.raises(ValueError, match="already tracks the input of"):
         stats.track(names[0], pruner.sites[0].stats_module, D_IN, torch.device("cpu"))
 
@@ -371,12 +375,12 @@ def test_fp16_inputs_whose_squares_overflow_fp16():
 
 def test_shared_input_is_squared_once_and_not_kept_alive(monkeypatch):
     model, pruner = make(prune_interval=100, prune_start=100, prune_end=100)
-    squared = []
-    square = torch.Tensor.square
-    monkeypatch.setattr(torch.Tensor, "square", lambda t: squared.append(t.shape) or square(t))
+    reduced = []
+    norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda t, *a, **k: reduced.append(t.shape) or norm(t, *a, **k))
     x = batch(0)
     out = model(x)
-    assert squared == [(20, D_IN)]  # three adapted layers read the same tensor: one square-and-sum
+    assert reduced == [x.shape]  # three adapted layers read the same tensor: one reduction
     alive = weakref.ref(x)
     del x, out
     assert alive() is None  # the statistics keep no activation alive (a strong reference cost 24 MiB on MiniLM)
@@ -384,9 +388,9 @@ def test_shared_input_is_squared_once_and_not_kept_alive(monkeypatch):
     assert all(float(acc.abs().sum()) == 0.0 for acc in pruner.stats.accs.values())  # folded into the EMA
 
 
-def test_event_history_counts_zeros_of_every_matrix_with_one_read_per_device(monkeypatch):
+def test_event_history_counts_zeros_of_every_matrix_and_reads_nothing_back(monkeypatch):
     """The "before" fraction counts the zeros left in every pruned matrix (checked against a count made
-    here), and an event reads counts back to the host once per device, not once per matrix."""
+    here), and an event reads nothing back to the host: the history is read when someone asks."""
     model, pruner = make(prune_interval=3, prune_start=5, prune_end=6)
     train_step(model, pruner, batch(0))  # input norms for the importance scores; no event yet
     assert len(pruner.sites) == 3 and pruner.history == []
@@ -396,10 +400,10 @@ def test_event_history_counts_zeros_of_every_matrix_with_one_read_per_device(mon
     expected = sum(int((s.weight == 0).sum()) for s in pruner.sites) / sum(s.weight.numel() for s in pruner.sites)
     assert expected > 0
     reads = []
-    original = torch.Tensor.__int__
-    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t.device) or original(t))
+    for method in ("__int__", "__float__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda t, *a, _o=original, _m=method: reads.append(_m) or _o(t, *a))
     pruner.prune()
     monkeypatch.undo()
+    assert reads == []
     assert pruner.history == [[1, pytest.approx(expected), 0.5]]
-    # the count of steps whose norms were skipped (inf/NaN), the zeros before and after the event
-    assert reads == [torch.device("cpu")] * 3

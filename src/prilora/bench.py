@@ -5,6 +5,9 @@ methods take turns round by round (``rounds`` x ``steps`` timed steps each, afte
 machine noise hits all alike; medians and quartiles, and ratios to LoRA from the same run.
 Peak memory: one child process per method; the peak bytes of live tensors over a profiled step
 (torch.profiler's memory timeline), the process's peak RSS, and on a GPU ``max_memory_allocated``.
+Operations: the aten operations and host reads of a step, eager, over one pruning interval (the
+CPU proxy of GPU overhead: a small GPU step is bound by its number of kernel launches). With
+``--compile`` the step times are measured a second time with every model under torch.compile.
 Also the cost of one pruning event against the number of A parameters, and inference of the
 merged model against the base model.
 
@@ -23,9 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import PriLoraConfig
 from .model import get_prilora_model
@@ -123,7 +128,9 @@ def summary(times: list[float]) -> dict:
     return {"median_ms": 1e3 * statistics.median(xs), "q25_ms": 1e3 * q(0.25), "q75_ms": 1e3 * q(0.75), "n": len(xs)}
 
 
-def time_steps(args, device) -> dict:
+def time_steps(args, device, compiled: bool = False) -> dict:
+    """Median step time per method, the methods' steps interleaved round by round. ``compiled``: each
+    model's forward and backward under torch.compile (default mode), compiled during the warm-up."""
     base, task_type, vocab = load_base(args.model)
     base.to(device)
     total = args.warmup + args.rounds * args.steps
@@ -133,8 +140,11 @@ def time_steps(args, device) -> dict:
     autocast = _autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
     for m, (model, opt, after) in models.items():
         model.train()
+        if compiled:
+            model.config.problem_type = model.config.problem_type or "single_label_classification"  # set on call 1
+            models[m] = (torch.compile(model), opt, after)
         for _ in range(args.warmup):
-            train_step(model, opt, after, batch, autocast)
+            train_step(models[m][0], opt, after, batch, autocast)
     times = {m: [] for m in models}
     for _ in range(args.rounds):
         for m, (model, opt, after) in models.items():
@@ -150,6 +160,58 @@ def time_steps(args, device) -> dict:
             out[m]["ratio_to_lora"] = out[m]["median_ms"] / out["lora"]["median_ms"]
     if "adalora" in out and "prilora" in out:
         out["adalora"]["ratio_to_prilora"] = out["adalora"]["median_ms"] / out["prilora"]["median_ms"]
+    return out
+
+
+VIEW_OPS = frozenset({"view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "as_strided", "alias",
+                      "slice", "select", "unsqueeze", "squeeze", "detach", "split", "split_with_sizes", "unbind",
+                      "_reshape_alias", "unfold"})
+HOST_READ_OPS = frozenset({"_local_scalar_dense", "item"})  # .item(), int(), bool(), .tolist() of a tensor
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it. On a GPU each non-view operation is at least one
+    kernel launch, and a step whose kernels are small is bound by their number, so this count is the
+    device-independent proxy of a method's GPU overhead; a host read stalls the device until it is idle."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def work(self) -> int:
+        return sum(n for op, n in self.ops.items() if op not in VIEW_OPS)
+
+    def host_reads(self) -> int:
+        return sum(self.ops[op] for op in HOST_READ_OPS)
+
+
+def count_ops(args, device, steps: int = 10) -> dict:
+    """Operations and host reads per training step, eager, averaged over ``steps`` steps (the default
+    pruning interval: one fold of the statistics and one event) after one untimed step, per method, with
+    AdamW's multi-tensor form as on a GPU."""
+    base, task_type, vocab = load_base(args.model)
+    base.to(device)
+    batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
+    autocast = _autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
+    out = {}
+    for m in args.methods:
+        model, opt, after = build(m, base, task_type, steps + 1)
+        for group in opt.param_groups:
+            group["foreach"] = True
+        model.train()
+        train_step(model, opt, after, batch, autocast)  # PRILoRA's first step records who reads what
+        with OpCounter() as counter:
+            for _ in range(steps):
+                train_step(model, opt, after, batch, autocast)
+        out[m] = {"ops_per_step": counter.work() / steps, "host_reads_per_step": counter.host_reads() / steps}
+        del model, opt, after
+    if "lora" in out:
+        for m in out:
+            out[m]["ratio_to_lora"] = out[m]["ops_per_step"] / out["lora"]["ops_per_step"]
     return out
 
 
@@ -310,6 +372,9 @@ def run_bench(args) -> dict:
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not args.no_timing:
         result["step"] = time_steps(args, device)
+        if args.compile:
+            result["step_compiled"] = time_steps(args, device, compiled=True)
+        result["ops"] = count_ops(args, device)
     if args.memory:
         result["memory"] = measure_memory(args)
     if args.event_sizes:
@@ -346,6 +411,14 @@ def format_result(r: dict) -> str:
     if memory:
         lines.append(f"peak memory: {next(iter(memory.values()))['ratio_of']} "
                      "(tensor_peak_mb: live tensors at the peak of a profiled step)")
+    compiled, ops = r.get("step_compiled", {}), r.get("ops", {})
+    if compiled:
+        lines.append("compiled (torch.compile): " + ", ".join(
+            f"{m} {v['median_ms']:.1f} ms ({v.get('ratio_to_lora', float('nan')):.3f})" for m, v in compiled.items()))
+    if ops:
+        lines.append("operations per step (eager, ratio to LoRA; host reads): " + ", ".join(
+            f"{m} {v['ops_per_step']:.1f} ({v.get('ratio_to_lora', float('nan')):.4f}; {v['host_reads_per_step']:g})"
+            for m, v in ops.items()))
     if "adalora" in step and "ratio_to_prilora" in step["adalora"]:
         lines.append(f"AdaLoRA / PRILoRA step time: {step['adalora']['ratio_to_prilora']:.3f}")
     for e in r.get("event_cost", []):

@@ -60,6 +60,7 @@ class PriLoraCallback(TrainerCallback):
                           "saves the pruner state into the new one, so a run killed in that moment has no "
                           "checkpoint to resume from; use save_total_limit=2 or more", RuntimeWarning, stacklevel=2)
         self.pruner.set_total_steps(state.max_steps)
+        self.pruner.to(self.pruner.sites[0].weight.device)  # Trainer has placed the model; torch_compile needs it
         if state.global_step > 0 and self.pruner.global_step != state.global_step:
             folder = self.resume_from or checkpoint_folder(args, state)
             if not os.path.isfile(os.path.join(folder, STATE_FILE)):

@@ -175,6 +175,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False, report_to=[], disable_tqdm=paths.quiet,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
+        torch_compile=paths.compile,
     )
     train_ds = Dataset.from_dict({"input_ids": train_blocks})
     eval_ds = Dataset.from_dict({"input_ids": eval_blocks})
@@ -214,7 +215,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         "lora_params": counts["lora"], "ranks": list(model.prilora_ranks), "a_sparsity": pruner.sparsity()["A"],
         "pruning_history": pruner.history,
         "steps": trainer.state.global_step, "precision": spec.precision, "world_size": launched_world_size(),
-        "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
+        "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro, "compiled": paths.compile,
         "replicas_identical": True if replicas > 1 else None, "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

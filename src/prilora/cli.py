@@ -132,6 +132,8 @@ def _add_run_flags(parser) -> None:
                      help="fp32 (default), or bf16 / fp16 autocast (fp16 needs a GPU); statistics stay fp32")
     run.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
                      help="split each batch into N micro-batches (same optimizer steps, less memory; default 1)")
+    run.add_argument("--compile", action="store_true",
+                     help="train the model under torch.compile (Trainer's torch_compile; docs/TRAINING.md)")
 
 
 CLM_RECIPE = {  # flag: (ClmSpec field, type, default, help)
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     bench.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     bench.add_argument("--memory", action="store_true", help="also peak memory, one child process per method")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time every method under torch.compile (reported beside the eager times)")
     bench.add_argument("--no-timing", action="store_true",
                        help="skip the step timing (memory needs no quiet machine; step times do)")
     bench.add_argument("--event-sizes", type=_sizes, default=[],
@@ -423,7 +427,7 @@ def cmd_train(args) -> int:
     spec = build_spec(args)
     paths = RunPaths(output_dir=args.output_dir, data_dir=args.data_dir, resume=args.resume,
                      overwrite=args.overwrite, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints,
-                     quiet=args.quiet, gradient_accumulation=args.gradient_accumulation)
+                     quiet=args.quiet, gradient_accumulation=args.gradient_accumulation, compile=args.compile)
     results = run_glue(spec, paths)
     if not results:  # not the main process of a multi-process launch
         return 0
@@ -463,7 +467,7 @@ def cmd_train_clm(args) -> int:
                    max_steps=args.max_steps, precision=args.precision, **recipe)
     paths = RunPaths(output_dir=args.output_dir, data_dir=None, resume=args.resume, overwrite=args.overwrite,
                      save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet,
-                     gradient_accumulation=args.gradient_accumulation)
+                     gradient_accumulation=args.gradient_accumulation, compile=args.compile)
     results = run_clm(spec, paths)
     if not results:  # not the main process of a multi-process launch
         return 0

@@ -9,10 +9,12 @@ after every optimizer step, so the adapter that is saved has exactly the configu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -83,6 +85,11 @@ class PriLoraPruner:
 
     Call :meth:`step` right after every ``optimizer.step()`` (``PriLoraCallback`` does it for
     the Trainer). It counts optimizer steps, not forward passes.
+
+    Cost, by design (docs/BENCHMARKS.md): a step adds no tensor operation beyond the forward
+    statistics; an event scores, ranks and masks all matrices of one input width together, so its
+    operations do not grow with the number of adapted matrices; and nothing is read back to the host
+    (the history and the skip count stay on the device until someone asks).
     """
 
     def __init__(self, sites: list[PruneSite], config: PriLoraConfig, total_steps: int | None = None):
@@ -93,14 +100,17 @@ class PriLoraPruner:
         self.total_steps = total_steps if total_steps is not None else config.total_steps
         self.global_step = 0
         self.events = 0
-        self.history: list[list[float]] = []  # [optimizer step, zeros before the event, zeros after] per event
+        self._history: list[list] = []  # [optimizer step, nonzeros before the event, after]: device counts
         self._masks: dict[str, torch.Tensor] = {}  # held after the last event
+        self._held: list[tuple[list[nn.Parameter], torch.Tensor]] | None = None  # masks batched by group
+        self._row_indices: dict[tuple, torch.Tensor] = {}  # per group and device: see _row_index
         self._window: tuple | None = None  # (total_steps, (start, end)) cache
         self._generator: torch.Generator | None = None  # for the "random" criterion, made on first use
-        self.stats = InputNormEMA(config.ema_beta, self._collecting)
+        self.stats = InputNormEMA(config.ema_beta, self._collecting, capacity=min(config.prune_interval, 16))
         if config.needs_input_norms:
             for site in sites:
                 self.stats.track(site.name, site.stats_module, site.weight.shape[1], site.weight.device)
+        self._numel = sum(site.weight.numel() for site in sites)
 
     # --- schedule -------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int) -> None:
@@ -135,6 +145,12 @@ class PriLoraPruner:
             return True
         return self.global_step < self.window()[1]
 
+    def to(self, device: torch.device | str) -> "PriLoraPruner":
+        """Move the statistics to ``device``. Eager training moves them by itself on the first forward; a
+        compiled model needs them there before its first forward (PriLoraCallback does it)."""
+        self.stats.to(torch.device(device))
+        return self
+
     # --- the training-loop entry point ------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
@@ -142,61 +158,107 @@ class PriLoraPruner:
         self.global_step += 1
         if not self.config.prunes:
             return
-        if self.stats.accs and not self._masks:
-            if self.config.stats_sync == "step" and world_size() > 1:
-                self.stats.all_reduce_accs()
-            self.stats.update()
+        if self.stats.tracking and not self._masks:
+            sync = self.config.stats_sync == "step" and world_size() > 1
+            self.stats.update(all_reduce_group=None if sync else False)
         if self._masks:
             self._apply_masks()
         elif self.is_event(self.global_step):
             self.prune(hold=self.global_step == self.window()[1])
+
+    @property
+    def history(self) -> list[list[float]]:
+        """[optimizer step, fraction of the pruned matrices at zero before the event, after it] per event
+        (read from the device here, not during training)."""
+        def fraction(zeros):  # a float (a loaded history) or the nonzero counts of an event's groups
+            return zeros if not isinstance(zeros, list) else 1.0 - sum(int(n) for n in zeros) / self._numel
+
+        return [[step, fraction(before), fraction(after)] for step, before, after in self._history]
+
+    @history.setter
+    def history(self, value: list[list[float]]) -> None:
+        self._history = [list(h) for h in value]
 
     @torch.no_grad()
     def prune(self, hold: bool = False) -> None:
         """One pruning event on every adapted matrix; ``hold`` keeps its mask from now on."""
         cfg = self.config
         self._check_not_sharded()
-        all_norms = self._event_norms() if cfg.needs_input_norms else {}
-        before = self._zero_fraction()
-        for site in self.sites:
-            norms = all_norms.get(site.name)
-            if norms is not None and norms.device != site.weight.device:
-                norms = norms.to(site.weight.device)
-            scores = importance_scores(site.weight, cfg.prune_criterion, norms, self._random(site.weight.device))
-            mask = keep_mask(scores, cfg.prune_ratio, cfg.prune_scope)
-            site.weight.masked_fill_(~mask, 0.0)
+        flat = self._event_norms() if cfg.needs_input_norms else None
+        norms = self.stats.split(flat) if flat is not None else {}
+        batched = cfg.prune_scope == "row" and cfg.prune_criterion in ("importance", "magnitude")
+        before, after = [], []  # nonzeros per group, on the device: summed when the history is read
+        for sites, rows_of in self._groups():
+            weights = [site.weight for site in sites]
+            if batched:
+                # All rows of all matrices of one input width at once: one score, one top-k, one write.
+                stacked = torch.cat(weights)
+                before.append(torch.count_nonzero(stacked))
+                scores = stacked.abs().float()
+                if cfg.prune_criterion == "importance":
+                    # Row i multiplied by its module's norms: windows of the flat norms, one per row.
+                    scores.mul_(flat.unfold(0, stacked.shape[1], 1).index_select(0, rows_of(flat.device)))
+                k = int(cfg.prune_ratio * stacked.shape[1])
+                lowest = scores.topk(k, dim=1, largest=False).indices if k else None
+                if k:
+                    stacked.scatter_(1, lowest, 0.0)
+                torch._foreach_copy_(weights, list(stacked.split([w.shape[0] for w in weights])))
+                after.append(torch.count_nonzero(stacked))
+                if hold:  # the kept positions exactly (a kept weight may be zero too)
+                    mask = torch.ones_like(stacked, dtype=torch.bool)
+                    masks = (mask.scatter_(1, lowest, False) if k else mask).split([w.shape[0] for w in weights])
+            else:  # the ablations' criteria and scopes, one matrix at a time
+                before += [torch.count_nonzero(w) for w in weights]
+                masks = []
+                for site, w in zip(sites, weights):
+                    n = norms.get(site.name)
+                    scores = importance_scores(w, cfg.prune_criterion, None if n is None else n.to(w.device),
+                                               self._random(w.device))
+                    masks.append(keep_mask(scores, cfg.prune_ratio, cfg.prune_scope))
+                    w.masked_fill_(~masks[-1], 0.0)
+                after += [torch.count_nonzero(w) for w in weights]
             if hold:
-                self._masks[site.name] = mask
+                self._masks.update({site.name: m for site, m in zip(sites, masks)})
+                self._held = None
+        if hold:
+            self._hold_masks()
         self.events += 1
-        # How much of the pruned matrix had regrown since the last event, and the sparsity now.
-        self.history.append([self.global_step, before, self._zero_fraction()])
+        # How much of the pruned matrices had regrown since the last event, and the sparsity now.
+        self._history.append([self.global_step, before, after])
 
-    def _zero_fraction(self) -> float:
-        """Zeros over all pruned matrices. The counts add up on their own device and are read back
-        once per device: a read per matrix would stall a GPU hundreds of times per event."""
-        per_device: dict[torch.device, torch.Tensor] = {}
+    def _groups(self) -> list[tuple[list[PruneSite], Callable[[torch.device], torch.Tensor]]]:
+        """The sites whose pruned matrices are handled as one (same input width, dtype and device), each
+        with the start of every stacked row's norms in the flat norms (made once per device)."""
+        groups: dict[tuple, list[PruneSite]] = {}
         for site in self.sites:
-            count = (site.weight == 0).sum()
-            total = per_device.get(count.device)
-            per_device[count.device] = count if total is None else total + count
-        zeros = sum(int(count) for count in per_device.values())
-        return zeros / sum(site.weight.numel() for site in self.sites)
+            w = site.weight
+            groups.setdefault((w.shape[1], w.dtype, w.device), []).append(site)
+        return [(sites, functools.partial(self._row_index, tuple(s.name for s in sites))) for sites in groups.values()]
 
-    def _event_norms(self) -> dict[str, torch.Tensor]:
-        """The norms that decide this event, the same on every process: with stats_sync="event" the
+    def _row_index(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Where each stacked row's module starts in the flat norms (its features follow contiguously)."""
+        key = (names, device)
+        if key not in self._row_indices:
+            starts = dict(zip(self.stats._names, self.stats._offsets))
+            rows = {s.name: s.weight.shape[0] for s in self.sites}
+            self._row_indices[key] = torch.tensor([starts[n] for n in names for _ in range(rows[n])], device=device)
+        return self._row_indices[key]
+
+    def _event_norms(self) -> torch.Tensor:
+        """The norms that decide this event, flat, the same on every process: with stats_sync="event" the
         processes' norms are combined here as the root of their summed squares (one all-reduce; for
         steady per-step norms this is the norm over all processes' tokens); with "step" they already
-        agree, since every step's sums were all-reduced."""
-        self.stats.warn_if_skipped()
-        norms = {name: self.stats.norms(name) for name in self.stats.emas}
+        agree, since every step's norms were combined."""
+        # The EMA without its bias correction: one factor for all features, which changes no ranking
+        # (in a row or a matrix, on every process alike).
+        flat = self.stats.flat_norms(corrected=False)
         if self.config.stats_sync == "event" and world_size() > 1:
             import torch.distributed as dist
 
-            names = list(norms)
-            flat = torch.cat([norms[n].square() for n in names])
+            flat = flat.square()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            norms = dict(zip(names, flat.sqrt_().split([norms[n].numel() for n in names])))
-        return norms
+            flat.sqrt_()
+        return flat
 
     def _check_not_sharded(self) -> None:
         """ZeRO-3 and FSDP keep only a shard of each matrix on a process: pruning it would rank a
@@ -242,9 +304,21 @@ class PriLoraPruner:
             self._generator.manual_seed(self.config.seed + self.events)
         return self._generator
 
+    def _hold_masks(self) -> None:
+        """Batch the held masks by group (at the last event, or when a checkpoint's masks are loaded)."""
+        self._held = []
+        for sites, _ in self._groups():
+            pruned = torch.cat([~self._masks[site.name] for site in sites])
+            self._held.append(([site.weight for site in sites], pruned))
+
     def _apply_masks(self) -> None:
-        for site in self.sites:
-            site.weight.masked_fill_(~self._masks[site.name], 0.0)
+        """Re-apply the held masks: per group of matrices, one masked write and one copy back."""
+        if self._held is None:
+            self._hold_masks()
+        for weights, pruned in self._held:
+            stacked = torch.cat(weights)
+            stacked.masked_fill_(pruned, 0.0)
+            torch._foreach_copy_(weights, list(stacked.split([w.shape[0] for w in weights])))
 
     def finalize(self) -> None:
         """At the end of training, make sure the adapter has the configured sparsity.
@@ -255,6 +329,7 @@ class PriLoraPruner:
         """
         if not self.config.prunes:
             return
+        self.stats.warn_if_skipped()  # the end of training reads from the device anyway
         if not self._masks:
             reason = (
                 f"training ended at optimizer step {self.global_step}, before the last pruning event "
@@ -301,8 +376,9 @@ class PriLoraPruner:
 
     # --- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.stats.warn_if_skipped()  # a checkpoint reads from the device anyway
         tensors = dict(self.stats.state_dict())
-        tensors.update({f"mask.{n}": m for n, m in self._masks.items()})
+        tensors.update({f"mask.{n}": m.clone() for n, m in self._masks.items()})  # copies: they may share storage
         if self._generator is not None:
             tensors["generator"] = self._generator.get_state()
         meta = {"global_step": self.global_step, "events": self.events, "ema_updates": self.stats.updates,
@@ -311,7 +387,7 @@ class PriLoraPruner:
 
     def load_state_dict(self, state: dict) -> None:
         tensors, meta = state["tensors"], state["meta"]
-        if self.stats.accs:
+        if self.stats.tracking:
             self.stats.load_state_dict(tensors, int(meta["ema_updates"]))
         names = {s.name for s in self.sites}
         masks = {k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")}
@@ -324,6 +400,7 @@ class PriLoraPruner:
                     f"the model's {s.matrix} has {tuple(s.weight.shape)}: it was saved from a different model"
                 )
         self._masks = {s.name: masks[s.name].to(s.weight.device) for s in self.sites} if masks else {}
+        self._held = None
         if "generator" in tensors:
             self._generator = torch.Generator(device=self.sites[0].weight.device)
             self._generator.set_state(tensors["generator"].cpu())

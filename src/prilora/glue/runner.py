@@ -68,6 +68,7 @@ class RunPaths:
     eval_batch_size: int = 64
     quiet: bool = False
     gradient_accumulation: int = 1  # micro-batches per optimizer step (the recipe's batch is split)
+    compile: bool = False  # torch.compile through Trainer's torch_compile (how a run trains, not what it learns)
 
 
 def resolve_model(model_id: str) -> str:
@@ -246,7 +247,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         dataloader_num_workers=0, ddp_find_unused_parameters=False, **mixed,
         # Classification losses are per-batch means: Trainer's token averaging would multiply them by the
         # number of processes (the models accept but ignore num_items_in_batch).
-        average_tokens_across_devices=False,
+        average_tokens_across_devices=False, torch_compile=paths.compile,
     )
     collator = DataCollatorWithPadding(tokenizer)
     world = launched_world_size()
@@ -312,6 +313,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         "pruning_history": pruner.history if pruner is not None else None,
         "train_loss": output.training_loss, "steps": trainer.state.global_step, "precision": spec.precision,
         "world_size": world, "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro,
+        "compiled": paths.compile,
         "replicas_identical": replicas == world if pruner is not None and world > 1 else None,
         "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
