@@ -302,7 +302,7 @@ class InputNormEMA:
     def emas(self) -> dict[str, torch.Tensor]:
         """Each module's EMA (views of one flat buffer), up to date with every finished step."""
         self._fold()
-        return dict(zip(self._names, self._ema.split(self._widths)))
+        return dict(zip(self._names, self._ema.split(self._widths))) if self._names else {}
 
     @property
     def accs(self) -> dict[str, torch.Tensor]:
