@@ -9,12 +9,10 @@ after every optimizer step, so the adapter that is saved has exactly the configu
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -188,8 +186,9 @@ class PriLoraPruner:
         norms = self.stats.split(flat) if flat is not None else {}
         batched = cfg.prune_scope == "row" and cfg.prune_criterion in ("importance", "magnitude")
         before, after = [], []  # nonzeros per group, on the device: summed when the history is read
-        for sites, rows_of in self._groups():
+        for sites in self._groups():
             weights = [site.weight for site in sites]
+            rows = [w.shape[0] for w in weights]
             if batched:
                 # All rows of all matrices of one input width at once: one score, one top-k, one write.
                 stacked = torch.cat(weights)
@@ -197,16 +196,15 @@ class PriLoraPruner:
                 scores = stacked.abs().float()
                 if cfg.prune_criterion == "importance":
                     # Row i multiplied by its module's norms: windows of the flat norms, one per row.
-                    scores.mul_(flat.unfold(0, stacked.shape[1], 1).index_select(0, rows_of(flat.device)))
+                    windows = flat.unfold(0, stacked.shape[1], 1)
+                    scores.mul_(windows.index_select(0, self._row_index(sites, flat.device)))
                 k = int(cfg.prune_ratio * stacked.shape[1])
-                lowest = scores.topk(k, dim=1, largest=False).indices if k else None
                 if k:
-                    stacked.scatter_(1, lowest, 0.0)
-                torch._foreach_copy_(weights, list(stacked.split([w.shape[0] for w in weights])))
+                    stacked.scatter_(1, scores.topk(k, dim=1, largest=False).indices, 0.0)
+                torch._foreach_copy_(weights, list(stacked.split(rows)))
                 after.append(torch.count_nonzero(stacked))
-                if hold:  # the kept positions exactly (a kept weight may be zero too)
-                    mask = torch.ones_like(stacked, dtype=torch.bool)
-                    masks = (mask.scatter_(1, lowest, False) if k else mask).split([w.shape[0] for w in weights])
+                if hold:  # the kept positions exactly (a kept weight may be zero too), once
+                    masks = keep_mask(scores, cfg.prune_ratio, "row").split(rows)
             else:  # the ablations' criteria and scopes, one matrix at a time
                 before += [torch.count_nonzero(w) for w in weights]
                 masks = []
@@ -219,29 +217,28 @@ class PriLoraPruner:
                 after += [torch.count_nonzero(w) for w in weights]
             if hold:
                 self._masks.update({site.name: m for site, m in zip(sites, masks)})
-                self._held = None
         if hold:
             self._hold_masks()
         self.events += 1
         # How much of the pruned matrices had regrown since the last event, and the sparsity now.
         self._history.append([self.global_step, before, after])
 
-    def _groups(self) -> list[tuple[list[PruneSite], Callable[[torch.device], torch.Tensor]]]:
-        """The sites whose pruned matrices are handled as one (same input width, dtype and device), each
-        with the start of every stacked row's norms in the flat norms (made once per device)."""
+    def _groups(self) -> list[list[PruneSite]]:
+        """The sites whose pruned matrices are handled as one: same input width, dtype and device."""
         groups: dict[tuple, list[PruneSite]] = {}
         for site in self.sites:
             w = site.weight
             groups.setdefault((w.shape[1], w.dtype, w.device), []).append(site)
-        return [(sites, functools.partial(self._row_index, tuple(s.name for s in sites))) for sites in groups.values()]
+        return list(groups.values())
 
-    def _row_index(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Where each stacked row's module starts in the flat norms (its features follow contiguously)."""
-        key = (names, device)
+    def _row_index(self, sites: list[PruneSite], device: torch.device) -> torch.Tensor:
+        """Where each stacked row's module starts in the flat norms (its features follow contiguously);
+        made once per group and device."""
+        key = (tuple(s.name for s in sites), device)
         if key not in self._row_indices:
             starts = dict(zip(self.stats._names, self.stats._offsets))
-            rows = {s.name: s.weight.shape[0] for s in self.sites}
-            self._row_indices[key] = torch.tensor([starts[n] for n in names for _ in range(rows[n])], device=device)
+            self._row_indices[key] = torch.tensor([starts[s.name] for s in sites for _ in range(s.weight.shape[0])],
+                                                  device=device)
         return self._row_indices[key]
 
     def _event_norms(self) -> torch.Tensor:
@@ -307,7 +304,7 @@ class PriLoraPruner:
     def _hold_masks(self) -> None:
         """Batch the held masks by group (at the last event, or when a checkpoint's masks are loaded)."""
         self._held = []
-        for sites, _ in self._groups():
+        for sites in self._groups():
             pruned = torch.cat([~self._masks[site.name] for site in sites])
             self._held.append(([site.weight for site in sites], pruned))
 

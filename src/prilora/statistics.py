@@ -171,13 +171,10 @@ class InputNormEMA:
                     return
             self._leave_plan(call)
         # The general way: every call adds its input's norm into its module's accumulator.
-        seen = self._lookup(x)
-        if seen is None or seen[3] is None:
-            norm = feature_norms(x)
-            slot = seen[2] if seen is not None else len(self._slot_widths)
-            if seen is None:
-                self._slot_widths.append(x.shape[-1])
-            seen = self._remember(x, slot, norm)
+        seen = self._lookup(x)  # (this step's inputs so far, all reduced the general way: _leave_plan forgot the rest)
+        if seen is None:
+            seen = self._remember(x, len(self._slot_widths), feature_norms(x))
+            self._slot_widths.append(x.shape[-1])
         self._calls.append((index, seen[2]))
         start, width = self._offsets[index], self._widths[index]
         self._acc[start:start + width].hypot_(seen[3])
