@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from prilora import PriLoraCallback, PriLoraConfig, get_prilora_model
 from prilora.cli import main
+from prilora.manifest import MANIFEST_FILE, verify
 from prilora.pruning import STATE_FILE
 from prilora.run_folder import finish_distributed
 
@@ -297,12 +298,27 @@ def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_p
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert {"rng_state_0.pth", "rng_state_1.pth", STATE_FILE} <= {p.name for p in (cut / "checkpoint-5").iterdir()}
     assert not (cut / "results.json").exists()
-    resumed = torchrun(*argv, "--output-dir", str(cut), "--resume")
-    assert resumed.returncode == 0, rank_errors(resumed)
-    rc = json.loads((cut / "results.json").read_text())
-    assert rc["resumed_from"] == "checkpoint-5" and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
-    a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Rank 0 hashed the checkpoint once both processes had written into it (each its own RNG state).
+    listed = json.loads((cut / "checkpoint-5" / MANIFEST_FILE).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", STATE_FILE} <= set(listed)
+    assert verify(str(cut / "checkpoint-5"))[0] == []
+    # A copy whose file that only rank 1 reads is damaged: every process resumes from checkpoint-4.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cut, damaged)
+    rng = damaged / "checkpoint-5" / "rng_state_1.pth"
+    rng.write_bytes(rng.read_bytes()[:-1] + bytes([rng.read_bytes()[-1] ^ 1]))
+    for folder, resumed_from in ((cut, "checkpoint-5"), (damaged, "checkpoint-4")):
+        resumed = torchrun(*argv, "--output-dir", str(folder), "--resume")
+        assert resumed.returncode == 0, rank_errors(resumed)
+        rc = json.loads((folder / "results.json").read_text())
+        assert rc["resumed_from"] == resumed_from and rc["steps"] == 16 and rc["metrics"] == r["metrics"]
+        assert rc["replicas_identical"] is True
+        a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    said = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
+    assert said == [f"prilora: checkpoint-5 in {damaged} is damaged (rng_state_1.pth has different contents than "
+                    "when it was written (SHA-256 mismatch)): resuming from checkpoint-4 (the damaged ones are "
+                    "kept, renamed *.damaged, when training starts)"], resumed.stderr[-3000:]
 
 
 def test_a_signal_to_torchrun_stops_every_process_at_one_checkpoint(tiny_model_dir, glue_dir, tmp_path):

@@ -15,8 +15,10 @@ import warnings
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .manifest import MANIFEST_FILE, write_manifest
 from .pruning import STATE_FILE, PriLoraPruner
-from .run_folder import RUNTIME_FILE, checkpoint_complete, checkpoint_steps, read_json, write_json_atomic
+from .run_folder import (RUNTIME_FILE, checkpoint_complete, checkpoint_steps, read_json, wait_for_main_process,
+                         write_json_atomic)
 
 
 def checkpoint_folder(args, state) -> str:
@@ -89,10 +91,14 @@ class PriLoraCallback(TrainerCallback):
 
 
 class TrainingClock(TrainerCallback):
-    """Training time over every part of a resumed run. Each checkpoint records the time trained up to it
-    (``prilora_runtime.json``), and a run resumed from that checkpoint counts on from there, so a run that
-    was stopped and resumed reports its whole training time, not its last part's. A checkpoint from before
-    this record counts as 0 s."""
+    """Training time over every part of a resumed run, and the seal of each checkpoint. Each checkpoint
+    records the time trained up to it (``prilora_runtime.json``), and a run resumed from that checkpoint
+    counts on from there, so a run that was stopped and resumed reports its whole training time, not its
+    last part's. A checkpoint from before this record counts as 0 s.
+
+    Registered after the callbacks that save into a checkpoint, it writes the last two files: the runtime
+    (which says a manifest follows), then the manifest of every file in the folder (sizes, SHA-256), once
+    every process has written its part (each writes its own RNG state)."""
 
     def __init__(self, resume_from: str | None = None):
         self.before = 0.0
@@ -111,17 +117,21 @@ class TrainingClock(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_folder(args, state)
+        wait_for_main_process()  # every process's files are in the folder before it is hashed
         if state.is_world_process_zero and os.path.isdir(folder):
-            write_json_atomic(os.path.join(folder, RUNTIME_FILE), {"train_runtime_s": round(self.elapsed(), 2)})
+            write_json_atomic(os.path.join(folder, RUNTIME_FILE),
+                              {"train_runtime_s": round(self.elapsed(), 2), "manifest": MANIFEST_FILE})
+            write_manifest(folder)
         return control
 
 
 class KeepCheckpoints(TrainerCallback):
     """Trainer's own ``save_total_limit`` deletes the older checkpoints before the callbacks have saved into
     the new one, so a run killed then would have no complete checkpoint to resume from. This callback,
-    registered after :class:`TrainingClock` (whose file completes a checkpoint), deletes them only once the
-    new one is complete, keeping the newest ``keep`` (0: all). At the start of a resumed run it also deletes
-    checkpoints beyond the step it resumes from: what is left of a save cut short."""
+    registered after :class:`TrainingClock` (whose manifest completes a checkpoint), deletes them only once
+    the new one is complete, keeping the newest ``keep`` (0: all). At the start of a resumed run it clears
+    the checkpoints beyond the step it resumes from: what is left of a save cut short is deleted; a complete
+    one, passed over because it is damaged, is renamed ``checkpoint-N.damaged`` and kept for inspection."""
 
     def __init__(self, keep: int):
         self.keep = keep
@@ -130,7 +140,13 @@ class KeepCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             for step, folder in checkpoint_steps(args.output_dir).items():
                 if step > state.global_step:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    if checkpoint_complete(folder):
+                        aside, n = f"{folder}.damaged", 1
+                        while os.path.exists(aside):
+                            aside, n = f"{folder}.damaged-{n}", n + 1
+                        os.rename(folder, aside)
+                    else:
+                        shutil.rmtree(folder, ignore_errors=True)
         return control
 
     def on_save(self, args, state, control, **kwargs):

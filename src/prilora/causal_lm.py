@@ -23,6 +23,7 @@ import torch
 from .architectures import ENCODER_MODEL_TYPES
 from .callback import KeepCheckpoints, PriLoraCallback, SaveOnInterrupt, TrainingClock
 from .config import PriLoraConfig
+from .manifest import write_manifest
 from .model import build_lora_config, get_prilora_model, parameter_counts
 from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, holding_output_dir,
                          launched_world_size, machine, micro_batch_size, missing_local_folder, precision_args,
@@ -221,5 +222,6 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
+    write_manifest(paths.output_dir, recursive=False)  # the adapter, tokenizer, run.json, results.json; last
     finish_distributed()
     return results

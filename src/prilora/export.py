@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .manifest import MANIFEST_FILE, write_manifest
+from .manifest import damage as manifest_damage
 from .run_folder import missing_local_folder, read_json, unwritable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,6 +56,7 @@ def new_folder(out: str):
     os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it, not mkdtemp's owner-only 0o700
     try:
         yield tmp
+        write_manifest(tmp)  # last: the export proves itself intact wherever it is copied
         os.rename(tmp, out)  # over an empty folder too (POSIX rename)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,6 +71,9 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], bool]:
     if not os.path.isfile(config_file):
         raise AdapterError(f"{path} holds no {ADAPTER_CONFIG}: pass the folder a PEFT adapter was saved to "
                            "(prilora train's --output-dir)")
+    if why := manifest_damage(path, extra_files=False):  # files added beside an adapter do not change it
+        raise AdapterError(f"{path} is damaged: {why}; restore it from a copy, or train or export it again "
+                           "(prilora verify checks a folder)")
     config = read_json(config_file)
     for name, load, sparse in ((SPARSE_WEIGHTS, unpack_sparse, True), (DENSE_WEIGHTS, load_file, False),
                                ("adapter_model.bin", lambda file: torch.load(file, weights_only=True), False)):
@@ -127,10 +133,11 @@ def unpack_sparse(file: str) -> dict[str, torch.Tensor]:
 
 
 def _copy_side_files(src: str, dst: str, skip: tuple[str, ...]) -> None:
-    """Config, prilora.json, tokenizer, README: everything but the weights."""
+    """Config, prilora.json, tokenizer, README: everything but the weights (and the manifest: the new
+    folder gets its own)."""
     for name in os.listdir(src):
         full = os.path.join(src, name)
-        if os.path.isfile(full) and name not in skip:
+        if os.path.isfile(full) and name not in skip and name != MANIFEST_FILE:
             shutil.copy2(full, os.path.join(dst, name))
 
 

@@ -21,6 +21,9 @@ from importlib import metadata
 
 import torch
 
+from .manifest import damage as manifest_damage
+from .manifest import has_manifest, verify
+
 RUN_FILE, RESULTS_FILE = "run.json", "results.json"
 
 
@@ -271,9 +274,20 @@ def checkpoint_steps(out: str) -> dict[int, str]:
 
 def checkpoint_complete(folder: str) -> bool:
     """Whether saving ``folder`` finished. Trainer writes trainer_state.json last of its files, then the
-    callbacks write theirs (the pruner's state), the clock's prilora_runtime.json last of all (the runners
-    register it after the others): a run killed while saving leaves a checkpoint without it."""
-    return all(os.path.isfile(os.path.join(folder, f)) for f in ("trainer_state.json", RUNTIME_FILE))
+    callbacks write theirs (the pruner's state), the clock's prilora_runtime.json after them, and its
+    manifest last of all (:class:`~prilora.callback.TrainingClock`). The runtime file says that a manifest
+    follows, so a run killed between the two leaves a checkpoint that is not taken as complete; one
+    written before manifests existed (a runtime file that says nothing of one) is complete without it."""
+    if has_manifest(folder):
+        return True
+    runtime = os.path.join(folder, RUNTIME_FILE)
+    if not (os.path.isfile(os.path.join(folder, "trainer_state.json")) and os.path.isfile(runtime)):
+        return False
+    try:
+        with open(runtime) as f:
+            return "manifest" not in json.load(f)
+    except (OSError, ValueError):
+        return True  # complete by the old rule; checkpoint_damage names the damaged file
 
 
 def checkpoint_damage(folder: str) -> str | None:
@@ -308,25 +322,66 @@ def checkpoint_damage(folder: str) -> str | None:
 
 
 def last_checkpoint(out: str) -> str | None:
-    """The newest complete, readable checkpoint in ``out``: resuming from one cut short by a kill (its
+    """The newest complete, intact checkpoint in ``out``: resuming from one cut short by a kill (its
     optimizer state or pruner state missing or half written), or damaged on disk since, would fail or go
-    wrong. Newer ones passed over are named, with the reason."""
+    wrong. A checkpoint with a manifest is verified byte for byte (SHA-256); an older one without, by its
+    files' formats. Newer ones passed over are named, with the reason, in one line. When checkpoints are
+    there but every complete one is damaged, nothing is resumed and nothing is deleted: a RunError."""
     steps = checkpoint_steps(out)
     passed = []  # (folder name, why) of newer checkpoints that cannot be resumed from
-    chosen = None
+    chosen, damaged = None, False
     for folder in reversed(steps.values()):
         if not checkpoint_complete(folder):
             passed.append((os.path.basename(folder), "incomplete (the run was stopped while saving)"))
-        elif why := checkpoint_damage(folder):
+        elif why := manifest_damage(folder) if has_manifest(folder) else checkpoint_damage(folder):
             passed.append((os.path.basename(folder), f"damaged ({why})"))
+            damaged = True
         else:
             chosen = folder
             break
-    if passed and is_main_process():
-        what = "; ".join(f"{name} in {out} is {why}" for name, why in reversed(passed))
-        print(f"prilora: {what}: " + (f"resuming from {os.path.basename(chosen)}" if chosen else
-                                      "no complete checkpoint, starting over"), file=sys.stderr, flush=True)
+    what = "; ".join(f"{name} in {out} is {why}" for name, why in reversed(passed))
+    if damaged and chosen is None:
+        raise RunError(f"no checkpoint to resume from: {what}; the folders are kept as they are: restore the "
+                       "damaged files (or move those checkpoints away to start over), or pass --overwrite")
+    if is_main_process():
+        if passed:
+            moved = " (the damaged ones are kept, renamed *.damaged, when training starts)" if damaged else ""
+            print(f"prilora: {what}: " + (f"resuming from {os.path.basename(chosen)}{moved}" if chosen else
+                                          "no complete checkpoint, starting over"), file=sys.stderr, flush=True)
+        if chosen and not has_manifest(chosen):
+            print(f"prilora: {os.path.basename(chosen)} has no manifest (written before checkpoints had one): its files "
+                  "were checked by format, not byte for byte", file=sys.stderr, flush=True)
     return chosen
+
+
+def verify_tree(path: str) -> list[dict]:
+    """``prilora verify``: check a run folder (its final files and each checkpoint), a checkpoint, or an
+    adapter or export folder, against their manifests. One entry per folder: ``status`` is "intact"
+    (every byte as written), "damaged", "incomplete" (a checkpoint whose save was cut short), or
+    "unverified" (no manifest: written before manifests, or by another tool; its files were read back
+    by format, and ``problems`` says if one fails)."""
+    if not os.path.isdir(path):
+        raise RunError(f"{path} is not a folder: pass a run folder, a checkpoint or an adapter folder")
+    checkpoints = checkpoint_steps(path)
+    finished = os.path.isfile(os.path.join(path, RESULTS_FILE))
+    folders = [path] if has_manifest(path) or finished or not checkpoints else []
+    folders += list(checkpoints.values())
+    if not has_manifest(path) and not checkpoints and not any(
+            os.path.isfile(os.path.join(path, f)) for f in (RUN_FILE, "adapter_config.json", "config.json")):
+        raise RunError(f"{path} holds no manifest, checkpoint, run or adapter: nothing to verify")
+    out = []
+    for folder in folders:
+        entry = {"folder": folder, "files": 0, "bytes": 0, "problems": []}
+        if has_manifest(folder):
+            entry["problems"], entry["files"], entry["bytes"] = verify(folder)
+            entry["status"] = "damaged" if entry["problems"] else "intact"
+        elif folder in checkpoints.values() and not checkpoint_complete(folder):
+            entry["status"] = "incomplete"
+        else:
+            why = checkpoint_damage(folder)
+            entry["status"], entry["problems"] = ("damaged", [why]) if why else ("unverified", [])
+        out.append(entry)
+    return out
 
 
 def read_json(path: str) -> dict:

@@ -19,6 +19,7 @@ import torch
 from .. import packaged_models
 from ..callback import KeepCheckpoints, PriLoraCallback, SaveOnInterrupt, TrainingClock
 from ..config import PriLoraConfig
+from ..manifest import write_manifest
 from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
 from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, finite_or_none,
@@ -321,5 +322,6 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     }
     results = finite_or_none(results)
     write_json_atomic(os.path.join(paths.output_dir, RESULTS_FILE), results)
+    write_manifest(paths.output_dir, recursive=False)  # the adapter, tokenizer, run.json, results.json; last
     finish_distributed()
     return results
