@@ -36,7 +36,7 @@ def results(tmp, out="run"):
 
 
 def test_prilora_run_writes_everything(tmp, glue_dir, capsys):
-    assert train(tmp, glue_dir, "--prune-interval", "2") == 0
+    assert train(tmp, glue_dir, "--prune-interval", "2", "--json") == 0
     r = results(tmp)
     assert (r["task"], r["method"], r["seed"], r["steps"]) == ("rte", "prilora", 0, 6)
     assert r["ranks"] == [4, 12] and r["lora_params"] == 16 * UNIT
@@ -47,7 +47,7 @@ def test_prilora_run_writes_everything(tmp, glue_dir, capsys):
     assert set(r["metrics"]) == {"accuracy", "score"} and r["metrics"]["score"] == r["metrics"]["accuracy"]
     assert r["eval_examples"] == {"dev": 40} and r["train_examples"] == 48
     assert r["recipe_name"] == "minilm-cpu" and r["recipe"]["batch_size"] == 8
-    assert r["learning_rate"] == get_recipe("minilm-cpu", "rte").learning_rate
+    assert r["learning_rate"] == get_recipe("minilm-cpu", "rte", "prilora").learning_rate == 5e-4  # its own
     assert isinstance(r["collapsed"], bool) and (r["collapse_reason"] is None) == (not r["collapsed"])
     assert r["versions"]["torch"] == torch.__version__ and r["machine"]["cpu_count"] >= 1
     for name in ("adapter_config.json", "adapter_model.safetensors", "prilora.json", "run.json"):
@@ -455,6 +455,60 @@ def test_readme_main_job_on_a_subset(glue_dir, tmp_path):
     r = json.loads((tmp_path / "rte" / "results.json").read_text())
     assert r["model"] == DEFAULT_MODEL and r["ranks"] == [4, 6, 7, 9, 10, 12]
     assert r["lora_params"] == 331_776 and r["a_sparsity"] == 0.5 and r["steps"] == 4
+
+
+def test_a_run_says_what_it_does_first_and_ends_with_a_sentence(tiny_model_dir, glue_dir, tmp_path):
+    # As a person sees it (a process of its own: transformers' log handlers and warnings as they are): no load
+    # report or warning of the libraries before the header, and a sentence at the end, not JSON.
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "prilora.cli", "train", "--task", "rte", "--model", str(tiny_model_dir),
+            "--data-dir", str(glue_dir), "--output-dir", str(out), "--max-train-samples", "16", "--max-eval-samples",
+            "16", "--epochs", "1", "--batch-size", "8", "--max-seq-length", "32", "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"prilora train: rte / prilora / seed 0 / {tiny_model_dir} with a new 2-output head; "
+                                  "recipe minilm-cpu"), done.stderr
+    assert "LOAD REPORT" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    r = results({"root": tmp_path}, "run")
+    collapsed = f"; the run collapsed ({r['collapse_reason']})" if r["collapsed"] else ""
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"RTE dev accuracy: {100 * r['metrics']['score']:.2f} (always the commonest label: "
+        f"{100 * r['majority_baseline']['score']:.2f}){collapsed}. 2 optimizer steps in {r['train_runtime_s']:.0f} s, "
+        f"A 50% zeros. Adapter and results.json in {out}")
+
+
+def test_the_closing_sentence_says_when_a_score_does_not_beat_the_majority_class():
+    from prilora.cli import train_sentence
+
+    r = {"task": "rte", "holdout": None, "eval_examples": {"dev": 277}, "majority_baseline": {"score": 0.514},
+         "metrics": {"score": 0.5058}, "a_sparsity": None, "collapsed": False, "collapse_reason": None, "steps": 100,
+         "train_runtime_s": 61.2}
+    assert train_sentence(r, "runs/x") == (
+        "RTE dev accuracy: 50.58 (always the commonest label: 51.40); not above always answering the commonest "
+        "label: the model learned nothing usable here. 100 optimizer steps in 61 s. Adapter and results.json in runs/x")
+    r.update(task="stsb", holdout=0.1, majority_baseline=None, metrics={"score": 0.8612}, a_sparsity=0.5)
+    assert train_sentence(r, "runs/y") == ("STS-B held-out training examples mean of Pearson and Spearman "
+                                           "correlations: 86.12. 100 optimizer steps in 61 s, A 50% zeros. Adapter "
+                                           "and results.json in runs/y")
+
+
+def test_loading_is_quiet_unless_verbose(recwarn):
+    import warnings
+
+    from transformers.utils import logging
+
+    from prilora.run_folder import quiet_loading
+
+    before = logging.get_verbosity()
+    with quiet_loading():
+        assert logging.get_verbosity() == logging.ERROR and not logging.is_progress_bar_enabled()
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # PEFT's, hidden
+        warnings.warn("a warning of our own", UserWarning)  # shown
+    assert logging.get_verbosity() == before and logging.is_progress_bar_enabled()
+    with quiet_loading(enabled=False):  # --verbose
+        assert logging.get_verbosity() == before
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+    assert [str(w.message) for w in recwarn] == ["a warning of our own", "`is_gradient_checkpointing` is deprecated"]
 
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp, glue_dir, capsys):

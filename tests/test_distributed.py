@@ -277,7 +277,7 @@ sys.exit(main(sys.argv[1:]))
 def test_prilora_train_under_torchrun_and_resume(tiny_model_dir, glue_dir, tmp_path):
     argv = ["train", "--task", "rte", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
             "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "8", "--epochs", "2",
-            "--prune-interval", "2", "--save-steps", "4", "--keep-checkpoints", "0", "--quiet"]
+            "--prune-interval", "2", "--save-steps", "4", "--keep-checkpoints", "0", "--quiet", "--json"]
     done = torchrun(*argv, "--output-dir", str(tmp_path / "full"))
     assert done.returncode == 0, rank_errors(done)
     r = json.loads((tmp_path / "full" / "results.json").read_text())

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from prilora.cli import main
-from prilora.glue import sweep as sweep_module
-from prilora.glue.report import progress_table
-from prilora.glue.sweep import PlannedRun, Sweep, describe_left, runtimes, seconds_left, select_values
+from prilora.study import sweep as sweep_module
+from prilora.study.report import progress_table
+from prilora.study.sweep import PlannedRun, Sweep, describe_left, runtimes, seconds_left, select_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -635,7 +635,7 @@ def test_a_second_sweep_of_a_running_spec_is_refused(tmp_path, tiny_model_dir, g
                       stages='[[stages]]\nname = "dev"\ntask = "rte"\nseed = 0\nvariants = ["lora"]\n')
     # Another process holds the spec's runs folder, as a sweep in the background would.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from prilora.glue.sweep import Sweep, exclusive\n"
+        "import sys; from prilora.study.sweep import Sweep, exclusive\n"
         f"with exclusive([Sweep({str(spec)!r})]):\n    print('held', flush=True); sys.stdin.read()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

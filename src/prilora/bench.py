@@ -431,7 +431,7 @@ def format_result(r: dict) -> str:
 
 def main_child(argv=None) -> int:
     """Entry point of the memory child process (``python -m prilora.bench --memory-child ...``)."""
-    from .cli import build_parser
+    from .arguments import build_parser
 
     args = build_parser().parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
     print(json.dumps(memory_child(args, torch.device(args.device))))

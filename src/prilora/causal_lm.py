@@ -27,7 +27,8 @@ from .manifest import write_manifest
 from .model import build_lora_config, get_prilora_model, parameter_counts
 from .run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, holding_output_dir,
                          launched_world_size, machine, micro_batch_size, missing_local_folder, precision_args,
-                         prepare_output_dir, train_stoppably, versions, wait_for_main_process, write_json_atomic)
+                         prepare_output_dir, quiet_loading, train_stoppably, versions, wait_for_main_process,
+                         write_json_atomic)
 
 HOLDOUT_SEED = 20240101
 
@@ -160,8 +161,9 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     micro = micro_batch_size(spec.batch_size, paths.gradient_accumulation)
     mixed = precision_args(spec.precision)
     set_seed(spec.seed)
-    base = AutoModelForCausalLM.from_pretrained(spec.model)
-    model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
+    with quiet_loading(not paths.verbose):
+        base = AutoModelForCausalLM.from_pretrained(spec.model)
+        model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
     main = prepare_output_dir(paths, replace, {"spec": spec.to_dict()})
 
     steps_per_epoch = math.ceil(len(train_blocks) / spec.batch_size)

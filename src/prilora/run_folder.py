@@ -17,6 +17,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from importlib import metadata
 
 import torch
@@ -63,6 +64,31 @@ def stop_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # the sweep died before the line above
         os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True):
+    """Loading a model says nothing the run's own header does not: transformers' load report (a new task
+    head is expected when fine-tuning), its weight-loading bar, and PEFT's use of an attribute that
+    transformers deprecates (``is_gradient_checkpointing``: a FutureWarning about PEFT's code, not the
+    user's). Errors still raise, and prilora's own warnings still show. ``--verbose``: all of it."""
+    from transformers.utils import logging
+
+    if not enabled:
+        yield
+        return
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def is_main_process() -> bool:

@@ -24,7 +24,8 @@ from ..architectures import find_target_modules
 from ..model import build_lora_config, get_prilora_model, parameter_counts
 from ..run_folder import (RESULTS_FILE, RunError, check_output_dir, finish_distributed, finite_or_none,
                           holding_output_dir, launched_world_size, machine, micro_batch_size, precision_args,
-                          prepare_output_dir, train_stoppably, versions, wait_for_main_process, write_json_atomic)
+                          prepare_output_dir, quiet_loading, train_stoppably, versions, wait_for_main_process,
+                          write_json_atomic)
 from .baselines import AdaLoraCallback, adalora_layer_ranks, adalora_ranks, get_adalora_model
 from .data import Split, load_split
 from .metrics import constant_predictions, glue_metrics, majority_baseline
@@ -70,6 +71,7 @@ class RunPaths:
     quiet: bool = False
     gradient_accumulation: int = 1  # micro-batches per optimizer step (the recipe's batch is split)
     compile: bool = False  # torch.compile through Trainer's torch_compile (how a run trains, not what it learns)
+    verbose: bool = False  # the libraries' own load reports and internal deprecation warnings too
 
 
 def resolve_model(model_id: str) -> str:
@@ -227,8 +229,9 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
     micro = micro_batch_size(spec.recipe.batch_size, paths.gradient_accumulation)
     mixed = precision_args(spec.precision)
     set_seed(spec.seed)
-    base, tokenizer = load_model(spec, path, task)
-    model, callbacks, pruner = build_model(spec, base, len(train_split), paths.gradient_accumulation)
+    with quiet_loading(not paths.verbose):
+        base, tokenizer = load_model(spec, path, task)
+        model, callbacks, pruner = build_model(spec, base, len(train_split), paths.gradient_accumulation)
     main = prepare_output_dir(paths, replace, {"spec": spec.to_dict(), "model_path": path})
 
     recipe = spec.recipe
@@ -268,7 +271,7 @@ def run_glue(spec: RunSpec, paths: RunPaths) -> dict:
         f" ({world} process(es) x {paths.gradient_accumulation} micro-batch(es) of {micro})"
     if main:
         print(f"prilora train: {task.name} / {spec.method} / seed {spec.seed} / {spec.model}"
-          f"{'' if path == spec.model else f' ({path})'}; recipe "
+          f"{'' if path == spec.model else f' ({path})'} with a new {task.num_labels}-output head; recipe "
               f"{spec.recipe_name}: lr {lr:g}, {recipe.epochs:g} epochs, batch {recipe.batch_size}{layout}, max length "
               f"{recipe.max_seq_length}, {spec.precision}; {len(train_split)} training examples, evaluated on "
               f"{evaluated}" + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)

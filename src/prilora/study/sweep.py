@@ -101,7 +101,7 @@ def _fmt(value) -> str:
 
 
 def _flag_names() -> set[str]:
-    from ..cli import build_parser
+    from ..arguments import build_parser
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     return {s[2:] for a in train._actions for s in a.option_strings if s.startswith("--")}
@@ -249,7 +249,7 @@ def train_argv(flags: dict, output_dir: str) -> list[str]:
 
 def run_spec_of(flags: dict, output_dir: str) -> dict:
     """The RunSpec `prilora train` would build for these flags, as JSON (raises SweepError)."""
-    from ..cli import UsageError, build_parser, build_spec
+    from ..arguments import UsageError, build_parser, build_spec
 
     try:
         args = build_parser().parse_args(train_argv(flags, output_dir))
@@ -270,7 +270,7 @@ def placement(record: dict) -> tuple[str, str]:
 
 def spec_of_result(line: dict) -> dict:
     """The RunSpec a results line was computed with (fields added since filled with their defaults)."""
-    from .runner import RunSpec
+    from ..glue.runner import RunSpec
 
     return complete_spec(RunSpec, {k: line[k] for k in SPEC_FIELDS if k in line})
 

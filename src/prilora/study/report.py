@@ -14,116 +14,18 @@ choice are marked.
 
 from __future__ import annotations
 
-import glob
 import io
-import json
 import os
 import statistics
-import sys
 from collections import Counter, defaultdict
 
-from ..run_folder import RESULTS_FILE, unwritable
-from .sweep import (Sweep, describe_left, next_edge, placement, read_lines, read_plan, score_of, seconds_left,
-                    select_values, stage_grid, study_progress)
-from .tasks import TASKS
-
-TASK_ORDER = list(TASKS)
-
-
-class ReportError(ValueError):
-    """Missing or unreadable input; the message names the file."""
-
-
-def expand(paths: list[str]) -> list[str]:
-    """The results files: a pattern that no file matched reaches us as it is (the shell passes it on), so
-    a study's one report command (``results/ablation-*.jsonl``) works before its later files exist."""
-    found = []
-    for path in paths:
-        if os.path.exists(path) or not any(c in path for c in "*?["):
-            found.append(path)
-        elif matches := sorted(glob.glob(path)):
-            found += matches
-        else:
-            print(f"prilora report: no results file matches {path} yet: left out", file=sys.stderr)
-    return found
-
-
-def load(paths: list[str]) -> list[dict]:
-    lines = []
-    for path in expand(paths):
-        if not os.path.isfile(path):
-            raise ReportError(f"results file {path} not found")
-        for line in read_lines(path):
-            line["_file"] = path
-            lines.append(line)
-    if not lines:
-        raise ReportError(f"no results in {', '.join(paths)}")
-    return lines
-
-
-def latest(lines: list[dict]) -> tuple[list[dict], int]:
-    """The last line of every sweep run: a run made again (its stage's choice changed when the grid it
-    selects from grew) supersedes its earlier line, which the file keeps. Returns the lines kept and
-    the number left out. A run keeps the place of its first line, so that a run written again (made again, or
-    moved to another table) does not move its table, or its row, behind the ones made after it."""
-    last = {}  # the run's key -> its last line; a dict keeps the order keys are first seen in
-    for i, line in enumerate(lines):
-        sw = line.get("sweep")
-        last[(line["_file"], sw["name"], sw["run"]) if sw and sw.get("run") else i] = line
-    return list(last.values()), len(lines) - len(last)
-
-
-def group_key(line: dict) -> tuple[str, str]:
-    """(table, variant): a sweep's table (its name unless the spec sets ``table``) and its stage's (the stage's
-    name unless the stage sets ``table``), and its variant; or, for lines without a sweep record, the file
-    (runs' own results.json files together) and the label that :func:`label_unswept` gives (the method, and
-    the settings that set its runs apart)."""
-    sw = line.get("sweep")
-    if sw:
-        return " / ".join(placement(sw)), sw["variant"]
-    return unswept_table(line), line.get("_label") or line.get("method", "?")
-
-
-def row_labels(lines: list[dict]) -> list[str]:
-    """The rows the lines fall in (their variants, see :func:`group_key`), in the order first seen."""
-    return list(dict.fromkeys(group_key(line)[1] for line in lines))
-
-
-def unswept_table(line: dict) -> str:
-    """The table of a line without a sweep record: its file's name; runs' own results.json files share one."""
-    name = os.path.basename(line["_file"])
-    return "prilora train runs" if name == RESULTS_FILE else name
-
-
-def _settings(line: dict) -> dict:
-    """What a run was asked to do, flat, without its seed (that varies within a cell)."""
-    flat = {k: line.get(k) for k in ("model", "recipe_name", "learning_rate", "holdout", "max_steps", "precision")}
-    for group in ("recipe", "prilora", "adalora"):
-        for k, v in (line.get(group) or {}).items():
-            if k not in ("seed", "learning_rate", "full_learning_rate"):
-                flat[f"{group}.{k}" if k in flat else k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    return flat
-
-
-def label_unswept(lines: list[dict]) -> None:
-    """Runs made by hand carry no variant name, only their method. Two runs of one task and method made
-    with other settings (another rank schedule, learning rate, ...) must not be averaged as seeds of one
-    cell, so each such run's row is labelled with the settings that differ, e.g.
-    ``prilora (rank_schedule=inverted)``. Settings that differ only between tasks (the recipe's epochs) do
-    not split rows."""
-    groups = defaultdict(list)
-    for line in lines:
-        if not line.get("sweep"):
-            groups[(unswept_table(line), line.get("method", "?"))].append(line)
-    for (_, method), members in groups.items():
-        settings = [_settings(line) for line in members]
-        by_task = defaultdict(list)
-        for line, flat in zip(members, settings):
-            by_task[line.get("task")].append(flat)
-        keys = list(dict.fromkeys(k for flat in settings for k in flat))
-        differing = [k for k in keys if any(len({repr(flat.get(k)) for flat in same}) > 1 for same in by_task.values())]
-        for line, flat in zip(members, settings):
-            line["_label"] = method + (f" ({', '.join(f'{k}={flat.get(k)}' for k in differing)})" if differing else "")
+from ..glue.tasks import TASKS
+from ..run_folder import unwritable
+from .lines import (TASK_ORDER, ReportError, _tasks, _value, distinct_runs, grid_axes, group_key, label_unswept,
+                    latest, load, row_labels)
+from .plots import plot_grid, plot_ranks, plot_scores, plot_sparsity
+from .sweep import (Sweep, describe_left, next_edge, placement, read_plan, seconds_left, select_values, stage_grid,
+                    study_progress)
 
 
 def scores(lines: list[dict]) -> list[float]:
@@ -151,11 +53,6 @@ def fmt_cell(c: dict) -> str:
     if c["collapsed"]:
         text += f" [{c['collapsed']} collapsed]"
     return text
-
-
-def _tasks(lines: list[dict]) -> list[str]:
-    present = {line["task"] for line in lines}
-    return [t for t in TASK_ORDER if t in present]
 
 
 def _params(lines: list[dict]) -> str:
@@ -432,15 +329,6 @@ def factorial_table(lines: list[dict]) -> list[str]:
     return out
 
 
-def _value(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def grid_axes(lines: list[dict]) -> list[str]:
-    """The flags these lines' sweep runs vary (a learning-rate grid: one)."""
-    return sorted({k for line in lines for k in (line.get("sweep") or {}).get("axes", {})})
-
-
 def selection_table(lines: list[dict]) -> list[str]:
     """Rows: task x variant; each value of the grid with its held-out score, the chosen one in bold."""
     axes = grid_axes(lines)
@@ -480,145 +368,6 @@ def selection_table(lines: list[dict]) -> list[str]:
     return out + majority_note(lines, "on the same held-out examples")
 
 
-def scores_figure(cells: dict, tasks: list[str], title: str):
-    """One panel per task on its own scale, every seed a dot and the mean ± std beside them, collapsed runs a
-    cross on the panel's floor. Bars from 0 would hide what the tables are about: gaps of a point or two
-    between methods whose seeds spread as much."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(cells)
-    fig, panels = plt.subplots(1, len(tasks), figsize=(len(tasks) * (0.42 * len(variants) + 1.1) + 0.6, 3.4),
-                               squeeze=False)
-    for ax, task in zip(panels[0], tasks):
-        drawn = [x for v in variants for x in cells[v][task]["values"]]
-        floor = min(drawn) - 1 if drawn else 0.0
-        for i, variant in enumerate(variants):
-            c, color = cells[variant][task], f"C{i % 10}"
-            if c["values"]:
-                ax.scatter([i - 0.12] * len(c["values"]), c["values"], s=12, color=color, alpha=0.6)
-            if c["mean"] is not None:
-                ax.errorbar([i + 0.12], [c["mean"]], yerr=[c["std"] or 0.0], fmt="o", color=color, capsize=3)
-            if c["collapsed"]:
-                ax.scatter([i] * c["collapsed"], [floor] * c["collapsed"], marker="x", color="red")
-        ax.set_xticks(range(len(variants)), variants, rotation=40, ha="right", fontsize=7)
-        ax.set_xlim(-0.6, len(variants) - 0.4)
-        ax.set_title(task, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    panels[0][0].set_ylabel("dev score x 100\n(dots: seeds; mean ± std)", fontsize=8)
-    fig.suptitle(title + " (collapsed runs: red crosses)" if any(
-        cells[v][t]["collapsed"] for v in variants for t in tasks) else title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_scores(cells: dict, tasks: list[str], title: str, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = scores_figure(cells, tasks, title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_grid(lines: list[dict], title: str, path: str) -> bool:
-    """Held-out score against the grid value, one panel per task and one line per variant; collapsed
-    runs are drawn as crosses on the panel's floor, the chosen value as a ring."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes_keys = grid_axes(lines)
-    if len(axes_keys) != 1 or not all(isinstance(line["sweep"]["axes"].get(axes_keys[0]), (int, float))
-                                      for line in lines):
-        return False
-    key, tasks = axes_keys[0], _tasks(lines)
-    colors = {v: f"C{i % 10}" for i, v in enumerate(row_labels(lines))}
-    fig, panels = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1.6, 3.0), squeeze=False)
-    for ax, task in zip(panels[0], tasks):
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for line in lines:
-            if line["task"] == task:
-                groups[group_key(line)[1]].append(line)
-        ok = [100 * score_of(x) for g in groups.values() for x in g if score_of(x) != float("-inf")]
-        floor = min(ok) - 2 if ok else 0.0
-        for variant, glines in groups.items():
-            glines = sorted(glines, key=lambda x: x["sweep"]["axes"][key])
-            xs = [x["sweep"]["axes"][key] for x in glines]
-            ys = [100 * score_of(x) if score_of(x) != float("-inf") else None for x in glines]
-            color = colors[variant]
-            ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
-                    marker="o", linewidth=1, color=color)
-            dead = [x for x, y in zip(xs, ys) if y is None]
-            ax.plot(dead, [floor] * len(dead), "x", color=color)
-            chosen = select_values(glines, [key])[0][key]
-            best = [y for x, y in zip(xs, ys) if x == chosen and y is not None]
-            ax.plot([chosen] * len(best), best, "o", markersize=10, fillstyle="none", color=color)
-        ax.set_xscale("log")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel(key)
-    panels[0][0].set_ylabel("held-out score x 100")
-    fig.legend([plt.Line2D([], [], color=c, marker="o") for c in colors.values()], list(colors),
-               loc="center right", fontsize=7)
-    fig.suptitle(f"{title}: ring = chosen, x = collapsed", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1 - 1.2 / (3.2 * len(tasks) + 1.6), 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def curves(lines: list[dict], key) -> dict:
-    """One curve per distinct ``key(line)`` (None: not drawn): its first run and the label of the variants
-    that share it, so that the ten pruning variants with one rank pattern draw one line, not ten."""
-    found: dict = {}
-    for line in lines:
-        k = key(line)
-        if k is not None:
-            run, names = found.setdefault(k, (line, []))
-            if group_key(line)[1] not in names:
-                names.append(group_key(line)[1])
-    return {k: (run, ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""))
-            for k, (run, names) in found.items()}
-
-
-def plot_ranks(lines: list[dict], path: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = curves(lines, lambda x: tuple(x["ranks"]) if x.get("ranks") and x.get("method") in ("prilora", "lora")
-                   else None)
-    if not shown:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for ranks, (_, label) in shown.items():
-        ax.plot(range(len(ranks)), ranks, marker="o", label=f"{label}: {'-'.join(map(str, ranks))}")
-    return _save(fig, ax, "layer", "LoRA rank", "ranks per layer", path)
-
-
-def _pruned(line: dict) -> tuple | None:
-    """What a run's sparsity curve depends on: the pruned matrix and the ratio (None: no history)."""
-    if not (line.get("pruning_history") and line.get("steps")):
-        return None
-    cfg = line.get("prilora") or {}
-    return cfg.get("prune_matrix", "A"), cfg.get("prune_ratio")
-
-
-def distinct_runs(lines: list[dict]) -> list[dict]:
-    """Each run once: a sweep that takes a run from an earlier file (``reuse``) copies its line into its
-    own file, and both files may be in the report. A copy keeps the run's own record (when it finished,
-    how long it took), which tells it apart from another run with the same settings."""
-    runs = {}
-    for line in lines:
-        key = (line.get("task"), line.get("method"), line.get("seed"), line.get("finished_at"),
-               line.get("train_runtime_s"), json.dumps(line.get("metrics"), sort_keys=True))
-        runs.setdefault(key, line)
-    return list(runs.values())
-
-
 def regrowth(runs: list[dict]) -> str | None:
     """Whether pruned weights stay zero until the next event, from every run's pruning history (``runs``:
     each run once, as ``distinct_runs`` gives them). The zeros just before an event, after the first, are
@@ -636,49 +385,7 @@ def regrowth(runs: list[dict]) -> str | None:
     return text + "."
 
 
-def plot_sparsity(lines: list[dict], path: str) -> bool:
-    """A zeros over training (fraction of the run), before and after each pruning event: one run per pruned
-    matrix and ratio (criteria and schedules with the same ones have the same sparsity), labelled with the
-    variants it stands for."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = curves(lines, _pruned)
-    if not shown:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for i, ((matrix, ratio), (line, label)) in enumerate(shown.items()):
-        # Only what was measured: points just before (open) and just after (filled) each event, no lines
-        # between them (when the zeros regrow between events is not recorded); after the last event the
-        # mask is held, so its sparsity is drawn on to the end.
-        steps, before, after = zip(*line["pruning_history"])
-        xs = [s / line["steps"] for s in steps]
-        color = f"C{i % 10}"
-        what = f"{ratio:g} of {matrix}" if ratio is not None else matrix
-        ax.plot(xs, after, "o", markersize=3, color=color,
-                label=f"{label}: {what} ({line['task']}, seed {line['seed']})")
-        ax.plot(xs, before, "o", markersize=3, fillstyle="none", color=color)
-        ax.plot([xs[-1], 1.0], [after[-1]] * 2, color=color, linewidth=1)
-    ax.set_xlim(0, 1.02)
-    return _save(fig, ax, "fraction of training", "fraction of the pruned matrix at zero",
-                 "just before (open) and after (filled) each pruning event; held after the last", path)
-
-
-def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> bool:
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
+GENERATED_MARK = "<!-- generated -->"  # where in --notes the report's introduction goes (default: first)
 PROGRESS_MARK = "<!-- progress -->"
 
 
@@ -759,22 +466,26 @@ def build_report(paths: list[str], out: str, plots_dir: str | None = None, notes
     runs = distinct_runs(lines)
     copies = f"; and {len(lines) - len(runs)} line(s) that copy runs of an earlier file into a later table" \
         if len(runs) < len(lines) else ""
-    md = ["# Results", "",
-          f"Generated by `{command or 'prilora report ' + ' '.join(paths) + ' --out ' + out}` from the raw "
+    intro = (f"Generated by `{command or 'prilora report ' + ' '.join(paths) + ' --out ' + out}` from the raw "
           f"results alone ({len(runs)} runs{copies}). Cells: headline score x 100 on dev (on held-out training examples "
           "for learning-rate grids; CoLA MCC, STS-B mean of Pearson "
           "and Spearman, MNLI matched accuracy, accuracy elsewhere), mean ± sample standard deviation over seeds, "
           "(number of seeds), and runs that collapsed (constant predictions or a non-finite loss) counted apart, "
           "not averaged in."
           + (f" {superseded} earlier line(s) of runs made again after their learning-rate grid grew and chose "
-             "another value are left out (the files keep them)." if superseded else ""), ""]
+             "another value are left out (the files keep them)." if superseded else ""))
+    md = ["# Results", ""]
     table = progress_table(progress) if progress else []
     if notes:
         with open(notes) as f:
             text = f.read().rstrip()
         if table and PROGRESS_MARK in text:
             text, table = text.replace(PROGRESS_MARK, "\n".join(table)), []
-        md += [text, ""]
+        if GENERATED_MARK in text:  # the notes lead (a summary first), the report's own introduction there
+            text, intro = text.replace(GENERATED_MARK, intro), None
+        md += ([intro, ""] if intro else []) + [text, ""]
+    else:
+        md += [intro, ""]
     if table:
         md += ["## Progress", ""] + table + [""]
     models = sorted({line.get("model", "?") for line in lines})
