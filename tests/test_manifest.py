@@ -223,6 +223,10 @@ def test_verify_says_what_it_checked(full, tmp_path, capsys):
     assert lines[0] == f"{full}: intact: {files} files, {size:,} bytes, as written (SHA-256)"
     run = tmp_path / "run"
     shutil.copytree(full, run)
+    (run / "heatmap.png").write_bytes(b"put beside the adapter: listed, not damage")
+    assert main(["verify", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{run}: intact: {files} files, {size:,} bytes, as written " \
+        "(SHA-256); not in its manifest (added since): heatmap.png"
     truncate(run / "checkpoint-8" / "scheduler.pt")
     (run / "checkpoint-10" / "training_args.bin").unlink()
     assert main(["verify", str(run), "--json"]) == 1

@@ -137,7 +137,8 @@ def cmd_verify(args) -> int:
                   "incomplete": "its save was cut short (not resumed from)",
                   "unverified": "no manifest (written before prilora wrote them, or by another tool); "
                                 "its files were read back by format, not checked byte for byte"}[entry["status"]]
-        print(f"{entry['folder']}: {entry['status']}: {detail}")
+        added = f"; not in its manifest (added since): {', '.join(entry['added'])}" if entry["added"] else ""
+        print(f"{entry['folder']}: {entry['status']}: {detail}{added}")
     return 1 if damaged else 0
 
 

@@ -107,9 +107,22 @@ def verify(folder: str, extra_files: bool = True) -> tuple[list[str], int, int]:
         checked += 1
         size_checked += size
     if extra_files:
-        problems += [f"{rel} is not in its manifest (added since)"
-                     for rel in folder_files(folder, bool(manifest.get("recursive", True))) if rel not in files]
+        problems += [f"{rel} is not in its manifest (added since)" for rel in _added(folder, manifest)]
     return problems, checked, size_checked
+
+
+def _added(folder: str, manifest: dict) -> list[str]:
+    return [rel for rel in folder_files(folder, bool(manifest.get("recursive", True))) if rel not in manifest["files"]]
+
+
+def added_files(folder: str) -> list[str]:
+    """Files in ``folder`` that its manifest does not list ([] when it has no readable manifest)."""
+    try:
+        with open(os.path.join(folder, MANIFEST_FILE)) as f:
+            manifest = json.load(f)
+        return _added(folder, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def damage(folder: str, extra_files: bool = True) -> str | None:

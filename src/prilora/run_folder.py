@@ -23,7 +23,7 @@ from importlib import metadata
 import torch
 
 from .manifest import damage as manifest_damage
-from .manifest import has_manifest, verify
+from .manifest import added_files, has_manifest, verify
 
 RUN_FILE, RESULTS_FILE = "run.json", "results.json"
 
@@ -385,7 +385,8 @@ def verify_tree(path: str) -> list[dict]:
     adapter or export folder, against their manifests. One entry per folder: ``status`` is "intact"
     (every byte as written), "damaged", "incomplete" (a checkpoint whose save was cut short), or
     "unverified" (no manifest: written before manifests, or by another tool; its files were read back
-    by format, and ``problems`` says if one fails)."""
+    by format, and ``problems`` says if one fails). ``added``: files beside a finished adapter that its
+    manifest does not cover (in a checkpoint such a file is a problem)."""
     if not os.path.isdir(path):
         raise RunError(f"{path} is not a folder: pass a run folder, a checkpoint or an adapter folder")
     checkpoints = checkpoint_steps(path)
@@ -397,9 +398,14 @@ def verify_tree(path: str) -> list[dict]:
         raise RunError(f"{path} holds no manifest, checkpoint, run or adapter: nothing to verify")
     out = []
     for folder in folders:
-        entry = {"folder": folder, "files": 0, "bytes": 0, "problems": []}
+        entry = {"folder": folder, "files": 0, "bytes": 0, "problems": [], "added": []}
         if has_manifest(folder):
-            entry["problems"], entry["files"], entry["bytes"] = verify(folder)
+            # A file added to a checkpoint is damage (resuming may read it); one put beside a finished adapter
+            # (a plot) changes nothing that loads: listed, not counted against it.
+            checkpoint = folder in checkpoints.values()
+            entry["problems"], entry["files"], entry["bytes"] = verify(folder, extra_files=checkpoint)
+            if not checkpoint:
+                entry["added"] = added_files(folder)
             entry["status"] = "damaged" if entry["problems"] else "intact"
         elif folder in checkpoints.values() and not checkpoint_complete(folder):
             entry["status"] = "incomplete"
