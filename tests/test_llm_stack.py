@@ -55,6 +55,7 @@ def test_qlora_4bit_base_trains_prunes_and_reloads(tiny_llama_dir, tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")  # TRL sets a field transformers renames
 def test_trl_sft_trainer_with_the_callback(tiny_llama_dir, tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset

@@ -10,7 +10,8 @@ How it is computed is shaped by where users train: on a GPU a step can be bound 
 operations (docs/BENCHMARKS.md), and under ``torch.compile`` anything the tracer cannot follow
 breaks the graph. So:
 
-- **Eager, steady state: one operation per distinct input tensor.** The first collected step
+- **Eager, steady state: one operation per distinct input tensor** on a GPU (three on CPU, where
+  they are faster than the one: ``CPU_SPLIT_REDUCTION``). The first collected step
   records which module reads which tensor (query, key and value read one; DeBERTa's shared
   relative embeddings feed every layer), and from then on each distinct input is reduced once,
   ``vector_norm(x, dims, dtype=float32, out=slot)``, straight into this step's row of a small ring
@@ -37,10 +38,22 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 
+# On CPU, vector_norm over the leading dims runs a slow strided loop: 121 ms against 28 ms for squaring,
+# summing and taking the root of a 32 x 128 x 3072 input (2 threads; 16.7 against 2.6 ms at width 768), so
+# there the statistics take those three operations. On a GPU one fused reduction is both fast and one
+# launch, and the number of launches is what a small step there is bound by. Tests and benchmarks that
+# count the operations a GPU runs set this to False.
+CPU_SPLIT_REDUCTION = True
+
+
 def feature_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """L2 norm of each feature (last dim) over all other dims, in float32 (one operation; half-precision
-    inputs are accumulated in float32 without a float32 copy: fp16 squares overflow above 256)."""
+    """L2 norm of each feature (last dim) over all other dims, in float32. On a GPU one operation
+    (half-precision inputs accumulated in float32 without a float32 copy: fp16 squares overflow above
+    256); on CPU a square, a sum and a root, a quarter of the time (see CPU_SPLIT_REDUCTION)."""
     dims = tuple(range(x.dim() - 1))
+    if CPU_SPLIT_REDUCTION and x.device.type == "cpu":
+        squares = (x if x.dtype == torch.float32 else x.float()).square()
+        return torch.sum(squares, dims, out=out).sqrt_()
     if x.dtype == torch.float64:  # float32 would narrow it, which vector_norm refuses
         norm = torch.linalg.vector_norm(x, 2, dim=dims).float()
         return norm if out is None else out.copy_(norm)
