@@ -30,7 +30,7 @@ def file_sha256(path: str) -> str:
 
 def _ignored(name: str) -> bool:
     """The manifest itself and the temporary files of atomic writes."""
-    return name == MANIFEST_FILE or name.startswith(MANIFEST_FILE) or name.endswith(".tmp")
+    return name.startswith(MANIFEST_FILE) or name.endswith(".tmp")
 
 
 def folder_files(folder: str, recursive: bool) -> list[str]:
@@ -78,10 +78,10 @@ def has_manifest(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, MANIFEST_FILE))
 
 
-def verify(folder: str, extra_files: bool = True) -> tuple[list[str], int, int]:
-    """Check ``folder`` against its manifest: (problems, files checked, bytes checked). A problem is one
-    short phrase per file: missing, a different size, different contents, or (with ``extra_files``) a file
-    the manifest does not list. A folder without a manifest has nothing to check: ask
+def check(folder: str) -> tuple[list[str], list[str], int, int]:
+    """Check ``folder`` against its manifest, reading it once: (problems, files added since, files checked,
+    bytes checked). A problem is one short phrase per file: missing, a different size, different contents
+    (or a manifest that cannot be read). A folder without a manifest has nothing to check: ask
     :func:`has_manifest` first."""
     path = os.path.join(folder, MANIFEST_FILE)
     try:
@@ -91,7 +91,7 @@ def verify(folder: str, extra_files: bool = True) -> tuple[list[str], int, int]:
         if manifest.get("format") != FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {manifest.get('format')!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{MANIFEST_FILE} is damaged ({' '.join(str(e).split()) or type(e).__name__})"], 0, 0
+        return [f"{MANIFEST_FILE} is damaged ({' '.join(str(e).split()) or type(e).__name__})"], [], 0, 0
     problems, checked, size_checked = [], 0, 0
     for rel, entry in sorted(files.items()):
         full = os.path.join(folder, *rel.split("/"))
@@ -106,23 +106,17 @@ def verify(folder: str, extra_files: bool = True) -> tuple[list[str], int, int]:
             problems.append(f"{rel} has different contents than when it was written (SHA-256 mismatch)")
         checked += 1
         size_checked += size
+    added = [rel for rel in folder_files(folder, bool(manifest.get("recursive", True))) if rel not in files]
+    return problems, added, checked, size_checked
+
+
+def verify(folder: str, extra_files: bool = True) -> tuple[list[str], int, int]:
+    """:func:`check` as (problems, files checked, bytes checked), where with ``extra_files`` a file the
+    manifest does not list is a problem too."""
+    problems, added, checked, size_checked = check(folder)
     if extra_files:
-        problems += [f"{rel} is not in its manifest (added since)" for rel in _added(folder, manifest)]
+        problems += [f"{rel} is not in its manifest (added since)" for rel in added]
     return problems, checked, size_checked
-
-
-def _added(folder: str, manifest: dict) -> list[str]:
-    return [rel for rel in folder_files(folder, bool(manifest.get("recursive", True))) if rel not in manifest["files"]]
-
-
-def added_files(folder: str) -> list[str]:
-    """Files in ``folder`` that its manifest does not list ([] when it has no readable manifest)."""
-    try:
-        with open(os.path.join(folder, MANIFEST_FILE)) as f:
-            manifest = json.load(f)
-        return _added(folder, manifest)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
 
 
 def damage(folder: str, extra_files: bool = True) -> str | None:

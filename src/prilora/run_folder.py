@@ -23,7 +23,7 @@ from importlib import metadata
 import torch
 
 from .manifest import damage as manifest_damage
-from .manifest import added_files, has_manifest, verify
+from .manifest import check, has_manifest, verify
 
 RUN_FILE, RESULTS_FILE = "run.json", "results.json"
 
@@ -402,10 +402,10 @@ def verify_tree(path: str) -> list[dict]:
         if has_manifest(folder):
             # A file added to a checkpoint is damage (resuming may read it); one put beside a finished adapter
             # (a plot) changes nothing that loads: listed, not counted against it.
-            checkpoint = folder in checkpoints.values()
-            entry["problems"], entry["files"], entry["bytes"] = verify(folder, extra_files=checkpoint)
-            if not checkpoint:
-                entry["added"] = added_files(folder)
+            if folder in checkpoints.values():
+                entry["problems"], entry["files"], entry["bytes"] = verify(folder)
+            else:
+                entry["problems"], entry["added"], entry["files"], entry["bytes"] = check(folder)
             entry["status"] = "damaged" if entry["problems"] else "intact"
         elif folder in checkpoints.values() and not checkpoint_complete(folder):
             entry["status"] = "incomplete"
