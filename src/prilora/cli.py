@@ -14,15 +14,19 @@ import sys
 from .arguments import UsageError, build_clm_spec, build_parser, build_spec
 
 
-def cmd_train(args) -> int:
-    from .glue.runner import RunPaths, run_glue
+def run_paths(args, data_dir: str | None):
+    """Where and how a training command runs (the run flags both train and train-clm take)."""
+    from .glue.runner import RunPaths
 
-    spec = build_spec(args)
-    paths = RunPaths(output_dir=args.output_dir, data_dir=args.data_dir, resume=args.resume,
-                     overwrite=args.overwrite, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints,
-                     quiet=args.quiet, gradient_accumulation=args.gradient_accumulation, compile=args.compile,
-                     verbose=args.verbose)
-    results = run_glue(spec, paths)
+    return RunPaths(output_dir=args.output_dir, data_dir=data_dir, resume=args.resume, overwrite=args.overwrite,
+                    save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet,
+                    gradient_accumulation=args.gradient_accumulation, compile=args.compile, verbose=args.verbose)
+
+
+def cmd_train(args) -> int:
+    from .glue.runner import run_glue
+
+    results = run_glue(build_spec(args), run_paths(args, data_dir=args.data_dir))
     if not results:  # not the main process of a multi-process launch
         return 0
     summary = {k: results[k] for k in ("task", "method", "seed", "steps", "lora_params", "a_sparsity",
@@ -58,14 +62,8 @@ def train_sentence(results: dict, out: str) -> str:
 
 def cmd_train_clm(args) -> int:
     from .causal_lm import run_clm
-    from .glue.runner import RunPaths
 
-    spec = build_clm_spec(args)
-    paths = RunPaths(output_dir=args.output_dir, data_dir=None, resume=args.resume, overwrite=args.overwrite,
-                     save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, quiet=args.quiet,
-                     gradient_accumulation=args.gradient_accumulation, compile=args.compile,
-                     verbose=args.verbose)
-    results = run_clm(spec, paths)
+    results = run_clm(build_clm_spec(args), run_paths(args, data_dir=None))
     if not results:  # not the main process of a multi-process launch
         return 0
     if args.json:
