@@ -78,7 +78,7 @@ def test_bench_bad_input(tmp_path, capsys):
     assert "is neither one of minilm, deberta-v3-base, llama-0.27b nor a local model folder" in capsys.readouterr().err
     assert main(["bench", "--no-timing"]) == 2
     assert capsys.readouterr().err.strip() == ("prilora bench: error: --no-timing leaves nothing to measure: add "
-                                               "--memory, --event-sizes or --inference")
+                                               "--ops, --memory, --event-sizes or --inference")
     assert main(["bench", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "prilora bench: error: --steps must be >= 1, got 0"
     (tmp_path / "a-file").write_text("")
@@ -86,3 +86,32 @@ def test_bench_bad_input(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"prilora bench: error: --json {tmp_path / 'a-file' / 'bench.json'} "
                                                f"cannot be written ({tmp_path / 'a-file'} is a file): pass another "
                                                "file path")
+
+
+def test_bench_counts_operations_phase_by_phase(tiny_model_dir, tmp_path, capsys):
+    """``--no-timing --ops``: operation counts alone (no quiet machine needed). With every dropout at 0, a
+    PRILoRA forward runs exactly one reduction more than LoRA's per distinct adapted input (4 a layer in
+    BERT: the attention's shared input, its context, the FFN's two inputs; 2 layers), and its backward,
+    optimizer step and zero_grad run LoRA's; its after-step work is the fold and event amortized."""
+    out = tmp_path / "ops.json"
+    counts = {}
+    for dropout in ([], ["--no-dropout"]):
+        assert main(["bench", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len", "8", "--no-timing",
+                     "--ops", *dropout, "--methods", "lora,linear,prilora,prilora-every-step", "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert "step" not in r and "memory" not in r
+        counts[bool(dropout)] = r["ops"]
+    printed = capsys.readouterr().out
+    assert "  prilora: forward " in printed and "operations per step (eager, ratio to LoRA; host reads)" in printed
+    ops = counts[True]
+    for m, v in ops.items():
+        assert v["ops_per_step"] == pytest.approx(sum(v["ops_per_phase"].values()))
+        assert v["ratio_to_lora"] == pytest.approx(v["ops_per_step"] / ops["lora"]["ops_per_step"])
+    lora, pri, every = (ops[m]["ops_per_phase"] for m in ("lora", "prilora", "prilora-every-step"))
+    assert ops["linear"]["ops_per_phase"] == lora
+    assert pri["forward"] - lora["forward"] == 8
+    assert {p: pri[p] for p in ("backward", "optimizer", "zero_grad")} == \
+        {p: lora[p] for p in ("backward", "optimizer", "zero_grad")}
+    assert lora["after_step"] == 0 < pri["after_step"] < every["after_step"]
+    # Dropout is a new tensor (and operations) per layer: counting without it removes them from every method.
+    assert counts[True]["lora"]["ops_per_phase"]["forward"] < counts[False]["lora"]["ops_per_phase"]["forward"]

@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="training step time and memory of PRILoRA vs LoRA vs AdaLoRA, side by side",
         description="Time a full training step of each method on its own copy of one model, methods interleaved "
-                    "round by round; optionally peak memory (a child process per method), the cost of one pruning "
-                    "event against adapter size, and merged-model inference. See docs/BENCHMARKS.md.",
+                    "round by round, and count its operations and host reads (the CPU proxy of GPU overhead); "
+                    "optionally peak memory (a child process per method), the cost of one pruning event against "
+                    "adapter size, and merged-model inference. See docs/BENCHMARKS.md.",
     )
     bench.add_argument("--model", default="minilm",
                        help="minilm (packaged weights), deberta-v3-base or llama-0.27b (random weights from configs), "
@@ -282,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time every method under torch.compile (reported beside the eager times)")
     bench.add_argument("--no-timing", action="store_true",
                        help="skip the step timing (memory needs no quiet machine; step times do)")
+    bench.add_argument("--ops", action="store_true",
+                       help="count the operations and host reads of a step per method, eager, phase by phase (done "
+                            "with every timing run; with --no-timing, on its own: counts need no quiet machine)")
+    bench.add_argument("--no-dropout", action="store_true",
+                       help="every dropout of the model at 0 (default: the model's own)")
     bench.add_argument("--event-sizes", type=_sizes, default=[],
                        help="also time one pruning event at these A sizes, e.g. 1e5,1e6,1e7,1e8")
     bench.add_argument("--inference", action="store_true", help="also base vs unmerged vs merged forward passes")

@@ -69,6 +69,19 @@ def load_base(name: str, dtype: torch.dtype = torch.float32):
     return tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype), "CAUSAL_LM", config.vocab_size
 
 
+def base_of(args):
+    """``load_base`` of ``--model``, with every dropout at 0 under ``--no-dropout`` (the setting in which
+    a method's operations are counted without DeBERTa's per-layer dropout of its relative embeddings,
+    a new tensor in each layer and so one more input to reduce)."""
+    base, task_type, vocab = load_base(args.model)
+    if args.no_dropout:
+        for module in base.modules():
+            for attr in ("p", "drop_prob"):  # nn.Dropout, DeBERTa's StableDropout
+                if isinstance(getattr(module, attr, None), float):
+                    setattr(module, attr, 0.0)
+    return base, task_type, vocab
+
+
 def build(method: str, base: nn.Module, task_type: str, total_steps: int):
     """(model, optimizer, after-step hook) of one method on its own copy of ``base``."""
     base = copy.deepcopy(base)
@@ -131,7 +144,7 @@ def summary(times: list[float]) -> dict:
 def time_steps(args, device, compiled: bool = False) -> dict:
     """Median step time per method, the methods' steps interleaved round by round. ``compiled``: each
     model's forward and backward under torch.compile (default mode), compiled during the warm-up."""
-    base, task_type, vocab = load_base(args.model)
+    base, task_type, vocab = base_of(args)
     base.to(device)
     total = args.warmup + args.rounds * args.steps
     models = {m: build(m, base, task_type, total) for m in args.methods}
@@ -204,25 +217,50 @@ class OpCounter(TorchDispatchMode):
         return sum(self.ops[op] for op in HOST_READ_OPS)
 
 
+PHASES = ("forward", "backward", "optimizer", "after_step", "zero_grad")
+
+
+def counted_step(model, opt, after, batch, autocast) -> dict:
+    """One training step, its non-view operations and host reads counted phase by phase."""
+    counts, loss = {}, None
+    for phase in PHASES:
+        with OpCounter() as counter:
+            if phase == "forward":
+                with autocast():
+                    loss = model(**batch).loss
+            elif phase == "backward":
+                loss.backward()
+            elif phase == "optimizer":
+                opt.step()
+            elif phase == "after_step":
+                after()
+            else:
+                opt.zero_grad(set_to_none=True)
+        counts[phase] = (counter.work(), counter.host_reads())
+    return counts
+
+
 def count_ops(args, device, steps: int = 10) -> dict:
-    """Operations and host reads per training step, eager, averaged over ``steps`` steps (the default
-    pruning interval: one fold of the statistics and one event) after one untimed step, per method, with
-    AdamW's multi-tensor form as on a GPU."""
-    base, task_type, vocab = load_base(args.model)
+    """Operations and host reads per training step, eager, per method, with AdamW's multi-tensor form as
+    on a GPU: the mean over one pruning interval (``steps``, the default 10: one fold of the statistics
+    and one event) after one uncounted interval (PRILoRA's first step records who reads what, its first
+    event builds the indices), split into the step's phases."""
+    base, task_type, vocab = base_of(args)
     base.to(device)
     batch = make_batch(task_type, vocab, args.batch_size, args.seq_len, device)
     autocast = _autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
     out = {}
     for m in args.methods:
-        model, opt, after = build(m, base, task_type, steps + 1)
+        model, opt, after = build(m, base, task_type, 2 * steps)
         for group in opt.param_groups:
             group["foreach"] = True
         model.train()
-        train_step(model, opt, after, batch, autocast)  # PRILoRA's first step records who reads what
-        with OpCounter() as counter:
-            for _ in range(steps):
-                train_step(model, opt, after, batch, autocast)
-        out[m] = {"ops_per_step": counter.work() / steps, "host_reads_per_step": counter.host_reads() / steps}
+        for _ in range(steps):
+            train_step(model, opt, after, batch, autocast)
+        counted = [counted_step(model, opt, after, batch, autocast) for _ in range(steps)]
+        phases = {p: sum(c[p][0] for c in counted) / steps for p in PHASES}
+        out[m] = {"ops_per_step": sum(phases.values()), "ops_per_phase": phases,
+                  "host_reads_per_step": sum(c[p][1] for c in counted for p in PHASES) / steps}
         del model, opt, after
     if "lora" in out:
         for m in out:
@@ -265,7 +303,7 @@ def memory_child(args, device) -> dict:
 
     import psutil
 
-    base, task_type, vocab = load_base(args.model)
+    base, task_type, vocab = base_of(args)
     base.to(device)
     model, opt, after = build(args.methods[0], base, task_type, args.warmup + 4)
     del base
@@ -290,7 +328,7 @@ def measure_memory(args) -> dict:
     for m in args.methods:
         cmd = [sys.executable, "-m", "prilora.bench", "--memory-child", "--model", args.model, "--methods", m,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
-               "--precision", args.precision, "--device", args.device]
+               "--precision", args.precision, "--device", args.device] + (["--no-dropout"] if args.no_dropout else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RunError(f"memory measurement of {m} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -347,7 +385,7 @@ def event_cost(sizes: list[int], device, d_in: int = 4096, r: int = 8, reps: int
 
 def inference(args, device) -> dict:
     """Forward passes (eval, no grad) of the base model, the unmerged PRILoRA model and the merged one."""
-    base, task_type, vocab = load_base(args.model)
+    base, task_type, vocab = base_of(args)
     base.to(device).eval()
     peft_model, _, _ = build("prilora", base, task_type, FAR)
     peft_model.eval()
@@ -389,6 +427,7 @@ def run_bench(args) -> dict:
         result["step"] = time_steps(args, device)
         if args.compile:
             result["step_compiled"] = time_steps(args, device, compiled=True)
+    if args.ops or not args.no_timing:
         result["ops"] = count_ops(args, device)
     if args.memory:
         result["memory"] = measure_memory(args)
@@ -434,6 +473,8 @@ def format_result(r: dict) -> str:
         lines.append("operations per step (eager, ratio to LoRA; host reads): " + ", ".join(
             f"{m} {v['ops_per_step']:.1f} ({v.get('ratio_to_lora', float('nan')):.4f}; {v['host_reads_per_step']:g})"
             for m, v in ops.items()))
+        for m, v in ops.items():
+            lines.append(f"  {m}: " + ", ".join(f"{p} {n:.1f}" for p, n in v["ops_per_phase"].items()))
     if "adalora" in step and "ratio_to_prilora" in step["adalora"]:
         lines.append(f"AdaLoRA / PRILoRA step time: {step['adalora']['ratio_to_prilora']:.3f}")
     for e in r.get("event_cost", []):

@@ -142,7 +142,7 @@ def cmd_verify(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import BUILTIN_MODELS, METHODS, format_result, run_bench
-    from .run_folder import RunError, unwritable, write_json_atomic
+    from .run_folder import RunError, quiet_loading, unwritable, write_json_atomic
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -157,9 +157,10 @@ def cmd_bench(args) -> int:
         raise RunError(f"--json {args.json} is a folder: pass a file path")
     if args.json and (why := unwritable(os.path.dirname(args.json) or ".")):
         raise RunError(f"--json {args.json} cannot be written ({why}): pass another file path")
-    if args.no_timing and not (args.memory or args.event_sizes or args.inference):
-        raise RunError("--no-timing leaves nothing to measure: add --memory, --event-sizes or --inference")
-    result = run_bench(args)
+    if args.no_timing and not (args.ops or args.memory or args.event_sizes or args.inference):
+        raise RunError("--no-timing leaves nothing to measure: add --ops, --memory, --event-sizes or --inference")
+    with quiet_loading():  # the models' load reports and PEFT's deprecation warning: nothing to act on here
+        result = run_bench(args)
     print(format_result(result))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -1,5 +1,7 @@
-"""Results lines, as the report reads them: the files (patterns expanded), each run once and at its
-latest choice, and the table and row each line falls in. Shared by the report's tables and its plots."""
+"""Results lines: reading a results file (a last line cut short by a crash left out, or mended before the
+next append), the RunSpec a line was computed with, and, as the report reads them, the files (patterns
+expanded), each run once and at its latest choice, and the table and row each line falls in. Shared by
+the sweep, the report's tables and its plots."""
 
 from __future__ import annotations
 
@@ -10,10 +12,108 @@ import sys
 from collections import defaultdict
 
 from ..glue.tasks import TASKS
-from ..run_folder import RESULTS_FILE
-from .sweep import placement, read_lines
+from ..run_folder import RESULTS_FILE, complete_spec
+from .spec import SweepError
 
 TASK_ORDER = list(TASKS)
+
+
+SPEC_FIELDS = ("task", "method", "model", "seed", "recipe_name", "recipe", "prilora", "adalora", "max_steps",
+               "data_source", "holdout", "precision")
+
+
+def placement(record: dict) -> tuple[str, str]:
+    """Where the report shows a run, from its line's sweep record: (the spec's table, the stage's table).
+    Lines written before stages could name a table have neither: their stage's name it is."""
+    return record.get("table") or record["name"], record.get("stage_table") or record["stage"]
+
+
+def spec_of_result(line: dict) -> dict:
+    """The RunSpec a results line was computed with (fields added since filled with their defaults)."""
+    from ..glue.runner import RunSpec
+
+    return complete_spec(RunSpec, {k: line[k] for k in SPEC_FIELDS if k in line})
+
+
+RESULT_KEYS = ("task", "method", "metrics")  # what every reader of a results line relies on
+
+
+def missing_result_key(line) -> str | None:
+    """The first thing a parsed line lacks to be a results line (a key, or ``metrics`` as a dict); None if whole."""
+    missing = [k for k in RESULT_KEYS if not isinstance(line, dict) or k not in line]
+    return missing[0] if missing else None if isinstance(line["metrics"], dict) else "metrics"
+
+
+def read_lines(path: str) -> list[dict]:
+    """The results lines of ``path``: a JSON-lines file (a sweep's), or one run's own indented results.json.
+    A last line with no newline that is not JSON is a write cut short (a sweep appending now, or one killed
+    mid-write): it is left out with a warning; the next sweep writing the file mends it (``mend_cut_tail``).
+    A bad line anywhere else is an error."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        data = f.read()
+    texts = data.splitlines(keepends=True)
+    if len(texts) > 1 and texts[0].strip() == "{":  # one indented JSON document: a run's own results.json
+        try:
+            line = json.loads(data)
+        except json.JSONDecodeError:
+            raise SweepError(f"{path} is damaged (not JSON): restore it, or leave it out") from None
+        if missing := missing_result_key(line):
+            raise SweepError(f"{path} is not a results file of prilora train (no {missing})")
+        return [line]
+    out = []
+    for n, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            if n == len(texts) and not text.endswith("\n"):
+                print(f"prilora: warning: {path}:{n}: the last line is cut short (a sweep writing it now, or one "
+                      "stopped mid-write): left out; the next prilora sweep writing this file mends it",
+                      file=sys.stderr)
+                break
+            raise SweepError(f"{path}:{n}: not a JSON line (a write cut short?): fix or delete that line")
+        if missing := missing_result_key(line):
+            raise SweepError(f"{path}:{n}: not a results line of prilora train (no {missing}"
+                             "): a results file holds the results.json lines that prilora train and "
+                             "prilora sweep write")
+        out.append(line)
+    return out
+
+
+def mend_cut_tail(path: str) -> str | None:
+    """Make a results file that a crash left mid-append whole again, before a sweep appends to it (an append
+    after a cut line would join the two). A cut last line goes to ``PATH.cut``, nothing is lost: its run's
+    results.json is still in its folder, and the sweep appends it again from there. A complete last line
+    that lacks only its newline gets one. Returns what was done, for the log."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return None
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        try:
+            whole = missing_result_key(json.loads(tail)) is None
+        except ValueError:
+            whole = False
+        if whole:
+            f.write(b"\n")
+        else:
+            with open(path + ".cut", "ab") as cut:
+                cut.write(tail + b"\n")
+                cut.flush()
+                os.fsync(cut.fileno())
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    if whole:
+        return f"{path}: its last line had no newline (a write stopped by a crash): added"
+    return (f"{path}: its last line was cut short (a write stopped by a crash): moved to {path}.cut; "
+            "its run is appended again from its folder")
 
 
 class ReportError(ValueError):

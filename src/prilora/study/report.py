@@ -22,9 +22,9 @@ from collections import Counter, defaultdict
 from ..glue.tasks import TASKS
 from ..run_folder import unwritable
 from .lines import (TASK_ORDER, ReportError, _tasks, _value, distinct_runs, grid_axes, group_key, label_unswept,
-                    latest, load, row_labels)
+                    latest, load, placement, row_labels)
 from .plots import plot_grid, plot_ranks, plot_scores, plot_sparsity
-from .sweep import (Sweep, describe_left, next_edge, placement, read_plan, seconds_left, select_values, stage_grid,
+from .sweep import (Sweep, describe_left, next_edge, read_plan, seconds_left, select_values, stage_grid,
                     study_progress)
 
 
