@@ -131,7 +131,8 @@ def test_trainer_counts_optimizer_steps_under_accumulation(tmp_path):
 
 def test_sharded_parameters_are_refused():
     cb = PriLoraCallback(get_prilora_model(tiny_bert(), PriLoraConfig(task_type="SEQ_CLS"))[1])
-    with pytest.raises(ValueError, match="PRILoRA does not support FSDP"):
+    with pytest.raises(ValueError, match="PRILoRA does not support FSDP under the Trainer yet: .* or FSDP2 "
+                                         r"\(fully_shard\) in a plain loop"):
         cb.on_train_begin(SimpleNamespace(fsdp=["full_shard"]), SimpleNamespace(max_steps=10, global_step=0), None)
     zero3 = SimpleNamespace(fsdp=[], hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO stage 3"):
@@ -144,7 +145,8 @@ def test_sharded_parameters_are_refused():
     site = pruner.sites[0]
     site.lora_A.data = torch.empty(0)
     site.lora_A.ds_numel = 4 * 32
-    with pytest.raises(RuntimeError, match="matrix is sharded across processes .DeepSpeed ZeRO stage 3 or FSDP."):
+    with pytest.raises(RuntimeError, match=r"matrix is sharded across processes \(DeepSpeed ZeRO stage 3 or FSDP1 "
+                       r"flatten it\); use FSDP2 \(fully_shard\), DDP, or DeepSpeed ZeRO stage 1 or 2$"):
         pruner.prune()
 
 

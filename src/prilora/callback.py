@@ -27,12 +27,15 @@ def checkpoint_folder(args, state) -> str:
 
 
 def refuse_sharded_parameters(args) -> None:
-    """FSDP and DeepSpeed ZeRO stage 3 shard each LoRA matrix across processes, so no process sees a
-    whole row of A to rank: refuse at the start rather than prune wrongly. ZeRO 1-2 and DDP keep
-    whole parameters on every process and work."""
+    """DeepSpeed ZeRO stage 3 flattens each LoRA matrix into shards that cut through rows, so no process
+    sees a whole row of A to rank: refuse at the start rather than prune wrongly. FSDP2 keeps rows whole
+    and the pruner handles it in a plain loop; under the Trainer (accelerate's FSDP plugin, its
+    checkpoints of sharded state) it is not built or tested yet, so it is refused too. ZeRO 1-2 and DDP
+    keep whole parameters on every process and work."""
     if getattr(args, "fsdp", None):
-        raise ValueError("PRILoRA does not support FSDP (it shards the LoRA matrices that pruning ranks): "
-                         "train with DDP (torchrun / accelerate launch) or DeepSpeed ZeRO stage 1 or 2")
+        raise ValueError("PRILoRA does not support FSDP under the Trainer yet: train with DDP (torchrun / "
+                         "accelerate launch), DeepSpeed ZeRO stage 1 or 2, or FSDP2 (fully_shard) in a plain "
+                         "loop (docs/DISTRIBUTED.md)")
     ds = getattr(args, "hf_deepspeed_config", None)
     stage = ds.config.get("zero_optimization", {}).get("stage") if ds is not None else None
     if stage == 3:

@@ -139,7 +139,8 @@ def _verify_and_collect(
                 f"PEFT built scaling {module.scaling[adapter_name]} for {t.name!r}, expected {expected_scale}"
             )
         stats_module = module if prune_matrix == "A" else module.lora_B[adapter_name]
-        sites.append(PruneSite(t.name, t.layer, a, b, prune_matrix, stats_module))
+        sites.append(PruneSite(t.name, t.layer, module.lora_A[adapter_name], module.lora_B[adapter_name],
+                               prune_matrix, stats_module))
     n_lora_layers = sum(
         1 for m in base.modules() if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})
     )
@@ -177,13 +178,18 @@ def prilora_summary(peft_model: PeftModel) -> dict[str, Any]:
 
 
 def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """PeftModel.save_pretrained, then ``prilora.json`` beside the adapter."""
+    """PeftModel.save_pretrained, then ``prilora.json`` beside the adapter. Under FSDP2 the summary's
+    sparsity is counted over every process's shards, a collective: every process calls this, with
+    ``is_main_process`` true on one."""
+    main = kwargs.get("is_main_process", True)
+    sharded = any(site.sharded for site in self.prilora_pruner.sites)
+    summary = prilora_summary(self) if main or sharded else None
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if not kwargs.get("is_main_process", True):
+    if not main:
         return
     path = os.path.join(save_directory, PRILORA_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(prilora_summary(self), f, indent=2)
+        json.dump(summary, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)

@@ -27,18 +27,53 @@ STATE_FILE = "prilora_pruner.safetensors"
 
 @dataclass
 class PruneSite:
-    """One adapted module: its LoRA matrices and the one that is pruned."""
+    """One adapted module: its LoRA matrices and the one that is pruned.
+
+    It holds the LoRA linear layers, not their weights: FSDP2's ``fully_shard`` replaces each parameter
+    with a sharded one after the pruner is built, and the weights are read through the layers."""
 
     name: str  # module path in the base model
     layer: int
-    lora_A: nn.Parameter  # (r, d_in)
-    lora_B: nn.Parameter  # (d_out, r)
+    A: nn.Module  # the LoRA A layer; weight (r, d_in)
+    B: nn.Module  # the LoRA B layer; weight (d_out, r)
     matrix: str  # "A" or "B"
     stats_module: nn.Module  # whose input feeds the pruned matrix
 
     @property
+    def lora_A(self) -> nn.Parameter:
+        return self.A.weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.B.weight
+
+    @property
     def weight(self) -> nn.Parameter:
         return self.lora_A if self.matrix == "A" else self.lora_B
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the pruned matrix is split across processes by rows (FSDP2: a DTensor on Shard(0))."""
+        return is_dtensor(self.weight)
+
+    def rows(self) -> torch.Tensor:
+        """The rows of the pruned matrix that this process holds, as a plain tensor that writes through to
+        the parameter: all of them, or under FSDP2 this process's shard (each row whole, so a per-row
+        ranking needs nothing from other processes). Call under ``torch.no_grad()``."""
+        w = self.weight
+        return w.to_local() if is_dtensor(w) else w
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
+def row_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor split by rows over a one-dimensional device mesh, as FSDP2 shards a 2-D parameter."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(tensor.placements)
+    return len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0
 
 
 def importance_scores(
@@ -108,7 +143,6 @@ class PriLoraPruner:
         if config.needs_input_norms:
             for site in sites:
                 self.stats.track(site.name, site.stats_module, site.weight.shape[1], site.weight.device)
-        self._numel = sum(site.weight.numel() for site in sites)
 
     # --- schedule -------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int) -> None:
@@ -168,8 +202,10 @@ class PriLoraPruner:
     def history(self) -> list[list[float]]:
         """[optimizer step, fraction of the pruned matrices at zero before the event, after it] per event
         (read from the device here, not during training)."""
+        numel = sum(site.rows().numel() for site in self.sites)  # this process's rows (all, but under FSDP2)
+
         def fraction(zeros):  # a float (a loaded history) or the nonzero counts of an event's groups
-            return zeros if not isinstance(zeros, list) else 1.0 - sum(int(n) for n in zeros) / self._numel
+            return zeros if not isinstance(zeros, list) else 1.0 - sum(int(n) for n in zeros) / numel
 
         return [[step, fraction(before), fraction(after)] for step, before, after in self._history]
 
@@ -181,13 +217,13 @@ class PriLoraPruner:
     def prune(self, hold: bool = False) -> None:
         """One pruning event on every adapted matrix; ``hold`` keeps its mask from now on."""
         cfg = self.config
-        self._check_not_sharded()
+        self._check_shards()
         flat = self._event_norms() if cfg.needs_input_norms else None
         norms = self.stats.split(flat) if flat is not None else {}
         batched = cfg.prune_scope == "row" and cfg.prune_criterion in ("importance", "magnitude")
         before, after = [], []  # nonzeros per group, on the device: summed when the history is read
         for sites in self._groups():
-            weights = [site.weight for site in sites]
+            weights = [site.rows() for site in sites]
             rows = [w.shape[0] for w in weights]
             if batched:
                 # All rows of all matrices of one input width at once: one score, one top-k, one write.
@@ -227,7 +263,7 @@ class PriLoraPruner:
         """The sites whose pruned matrices are handled as one: same input width, dtype and device."""
         groups: dict[tuple, list[PruneSite]] = {}
         for site in self.sites:
-            w = site.weight
+            w = site.rows()
             groups.setdefault((w.shape[1], w.dtype, w.device), []).append(site)
         return list(groups.values())
 
@@ -237,7 +273,7 @@ class PriLoraPruner:
         key = (tuple(s.name for s in sites), device)
         if key not in self._row_indices:
             starts = dict(zip(self.stats._names, self.stats._offsets))
-            self._row_indices[key] = torch.tensor([starts[s.name] for s in sites for _ in range(s.weight.shape[0])],
+            self._row_indices[key] = torch.tensor([starts[s.name] for s in sites for _ in range(s.rows().shape[0])],
                                                   device=device)
         return self._row_indices[key]
 
@@ -257,15 +293,26 @@ class PriLoraPruner:
             flat.sqrt_()
         return flat
 
-    def _check_not_sharded(self) -> None:
-        """ZeRO-3 and FSDP keep only a shard of each matrix on a process: pruning it would rank a
-        fragment. Refuse instead of pruning wrongly."""
+    def _check_shards(self) -> None:
+        """FSDP2 splits each matrix by rows, whole rows on each process: a ranking per row is exact there,
+        one over a whole matrix is not (it would rank a fragment). ZeRO-3 and FSDP1 flatten the matrices
+        into shards that cut through rows. Refuse what cannot be pruned exactly instead of pruning wrongly."""
         for site in self.sites:
             w = site.weight
-            if hasattr(w, "ds_numel") or w.dim() != 2 or w.numel() == 0 or type(w.data).__name__ == "DTensor":
+            if is_dtensor(w):
+                if not row_sharded(w):
+                    raise RuntimeError(f"PRILoRA cannot prune {site.name!r}: its {site.matrix} matrix is a DTensor "
+                                       f"placed as {tuple(w.placements)}; only FSDP2's row shards (Shard(0) on a "
+                                       "one-dimensional mesh) keep its rows whole")
+                if self.config.prune_scope != "row":
+                    raise RuntimeError(f"PRILoRA under FSDP2 prunes per row of A: prune_scope={self.config.prune_scope!r} "
+                                       "ranks a whole matrix that is sharded across processes; use prune_scope='row' "
+                                       "(--prune-scope row)")
+            elif hasattr(w, "ds_numel") or w.dim() != 2 or w.numel() == 0:
                 raise RuntimeError(
                     f"PRILoRA cannot prune {site.name!r}: its {site.matrix} matrix is sharded across processes "
-                    f"(DeepSpeed ZeRO stage 3 or FSDP); use DDP, or DeepSpeed ZeRO stage 1 or 2"
+                    f"(DeepSpeed ZeRO stage 3 or FSDP1 flatten it); use FSDP2 (fully_shard), DDP, or DeepSpeed "
+                    "ZeRO stage 1 or 2"
                 )
 
     def replica_fingerprint(self) -> torch.Tensor:
@@ -273,9 +320,11 @@ class PriLoraPruner:
         processes when the replicas agree."""
         rows = []
         for site in self.sites:
+            if site.sharded:  # FSDP2: each process holds other rows by design; nothing to compare
+                continue
             w = site.weight.detach().double()
             rows.append(torch.stack([w.sum(), w.square().sum(), (w == 0).sum().double()]))
-        return torch.stack(rows)
+        return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
     def check_replicas(self) -> int:
         """Raise if the processes' pruned matrices differ; returns the number of processes compared."""
@@ -306,7 +355,7 @@ class PriLoraPruner:
         self._held = []
         for sites in self._groups():
             pruned = torch.cat([~self._masks[site.name] for site in sites])
-            self._held.append(([site.weight for site in sites], pruned))
+            self._held.append(([site.rows() for site in sites], pruned))
 
     def _apply_masks(self) -> None:
         """Re-apply the held masks: per group of matrices, one masked write and one copy back."""
@@ -332,7 +381,7 @@ class PriLoraPruner:
                 f"training ended at optimizer step {self.global_step}, before the last pruning event "
                 "(set total_steps/prune_end to the real length of training to avoid this)"
             )
-        elif any(site.weight[~self._masks[site.name]].any() for site in self.sites):
+        elif any(site.rows()[~self._masks[site.name]].any() for site in self.sites):
             reason = "the weights at the end of training do not follow the final mask (an earlier checkpoint loaded?)"
         else:
             return
@@ -345,19 +394,32 @@ class PriLoraPruner:
 
     # --- reporting ----------------------------------------------------------------------------
     def sparsity(self) -> dict:
-        """Fraction of exact zeros in A and B: overall, per layer and per module."""
+        """Fraction of exact zeros in A and B: overall, per layer and per module. Under FSDP2 each process
+        counts its shards and the counts are summed over processes (so every process must call it)."""
+        def local(w):
+            return w.to_local() if is_dtensor(w) else w
+
+        counts = []  # per site: zeros and elements of A, then of B
+        for site in self.sites:
+            for w in (local(site.lora_A), local(site.lora_B)):
+                counts += [(w == 0).sum(), torch.tensor(w.numel(), device=w.device)]
+        counts = torch.stack([c.to(counts[0].device, torch.float64) for c in counts])
+        if world_size() > 1 and any(is_dtensor(s.lora_A) or is_dtensor(s.lora_B) for s in self.sites):
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        counts = counts.view(len(self.sites), 2, 2).tolist()  # one read from the device
         totals = {"A": [0, 0], "B": [0, 0]}
         per_layer: dict[int, dict[str, list[int]]] = {}
         per_module: dict[str, dict[str, float]] = {}
-        for site in self.sites:
+        for site, site_counts in zip(self.sites, counts):
             layer = per_layer.setdefault(site.layer, {"A": [0, 0], "B": [0, 0]})
             per_module[site.name] = {}
-            for key, w in (("A", site.lora_A), ("B", site.lora_B)):
-                zeros, numel = int((w == 0).sum()), w.numel()
+            for key, (zeros, numel) in zip(("A", "B"), site_counts):
                 per_module[site.name][key] = zeros / numel
                 for bucket in (totals[key], layer[key]):
-                    bucket[0] += zeros
-                    bucket[1] += numel
+                    bucket[0] += int(zeros)
+                    bucket[1] += int(numel)
         frac = lambda b: b[0] / b[1]  # noqa: E731
         return {
             "A": frac(totals["A"]),
@@ -391,10 +453,11 @@ class PriLoraPruner:
         if masks and set(masks) != names:
             raise ValueError("PRILoRA state holds masks for other modules: it was saved from a different model")
         for s in self.sites if masks else ():
-            if masks[s.name].shape != s.weight.shape:
+            if masks[s.name].shape != s.rows().shape:
                 raise ValueError(
                     f"PRILoRA state mask for {s.name!r} has shape {tuple(masks[s.name].shape)}, "
-                    f"the model's {s.matrix} has {tuple(s.weight.shape)}: it was saved from a different model"
+                    f"the model's {s.matrix} has {tuple(s.rows().shape)}"
+                    f"{' on this process' if s.sharded else ''}: it was saved from a different model"
                 )
         self._masks = {s.name: masks[s.name].to(s.weight.device) for s in self.sites} if masks else {}
         self._held = None
