@@ -82,3 +82,41 @@ def test_trl_sft_trainer_with_the_callback(tiny_llama_dir, tmp_path):
     for name, weight in zip(names, a):  # element by element, the pruned zeros included
         assert torch.equal(loaded[name].weight, weight.detach()), name
     assert len([k for k in saved if "lora_A" in k]) == len(a)
+
+
+def test_train_clm_load_in_4bit(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """`prilora train-clm --load-in-4bit`: the base loads in 4-bit NF4 (its loss before training is not the
+    full-precision base's), A ends half pruned row by row, and plain PEFT puts the saved adapter on a 4-bit
+    base. Without bitsandbytes: one line naming the extra, exit 2, nothing written."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import importlib.util
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prilora.causal_lm import ClmSpec, quantization
+    from test_causal_lm import clm
+
+    assert clm(tmp_path, tiny_llama_dir, "--load-in-4bit", "--max-steps", "6", out="q") == 0
+    assert clm(tmp_path, tiny_llama_dir, "--max-steps", "1", out="full") == 0
+    q, full = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("q", "full"))
+    assert q["load_in_4bit"] is True and full["load_in_4bit"] is False
+    assert q["metrics"]["initial_eval_loss"] != pytest.approx(full["metrics"]["initial_eval_loss"], abs=1e-6)
+    assert q["a_sparsity"] == 0.5 and q["ranks"] == [4, 7, 9, 12] and q["steps"] == 6
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, **quantization(ClmSpec(
+        model=str(tiny_llama_dir), train_file="", method="prilora", prilora={}, load_in_4bit=True)))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "q")
+    assert len([m for m in reloaded.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 4 * 7
+    saved = load_file(tmp_path / "q" / "adapter_model.safetensors")
+    a = assert_rows_half_pruned(reloaded)
+    assert [torch.equal(w, saved[k]) for k, w in zip(sorted(k for k in saved if "lora_A" in k), [
+        m.weight for n, m in sorted(reloaded.named_modules()) if n.endswith("lora_A.default")])] == [True] * len(a)
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else real(name, *args))
+    capsys.readouterr()
+    assert clm(tmp_path, tiny_llama_dir, "--load-in-4bit", out="none") == 2
+    assert capsys.readouterr().err.strip() == ('prilora train-clm: error: --load-in-4bit needs bitsandbytes, which is '
+                                               'not installed: pip install "prilora[qlora]"')
+    assert not (tmp_path / "none").exists()

@@ -165,6 +165,9 @@ def _add_clm_parser(sub) -> None:
     clm.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     clm.add_argument("--output-dir", required=True, help="new or empty folder (or an unfinished run, with --resume)")
     clm.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    clm.add_argument("--load-in-4bit", action="store_true",
+                     help="QLoRA: load the base in 4-bit NF4 (bitsandbytes; compute in bf16 where the GPU supports "
+                          "it, else fp32); needs pip install \"prilora[qlora]\"")
     _add_run_flags(clm)
     group = clm.add_argument_group("recipe")
     for flag, (dest, kind, default, help_text) in CLM_RECIPE.items():
@@ -456,6 +459,11 @@ def build_clm_spec(args):
     if args.holdout <= 0:
         raise RunError(f"--holdout must be > 0 (a count, or a fraction below 1), got {args.holdout:g}")
     check_seed(args.seed)
+    if args.load_in_4bit:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RunError('--load-in-4bit needs bitsandbytes, which is not installed: pip install "prilora[qlora]"')
     adapter = {"lora_alpha": 16.0, "lora_dropout": 0.0, **given_flags(args, ADAPTER_FLAGS)}
     try:
         config = prilora_config(args, adapter, "CAUSAL_LM")
@@ -463,5 +471,5 @@ def build_clm_spec(args):
         raise RunError(str(e)) from None
     spec = ClmSpec(model=args.model, train_file=args.train_file, method=args.method, prilora=config.to_dict(),
                    seed=args.seed, eval_file=args.eval_file, text_field=args.text_field, holdout=args.holdout,
-                   max_steps=args.max_steps, precision=args.precision, **recipe)
+                   max_steps=args.max_steps, precision=args.precision, load_in_4bit=args.load_in_4bit, **recipe)
     return spec

@@ -53,6 +53,7 @@ class ClmSpec:
     weight_decay: float = 0.0
     max_steps: int | None = None
     precision: str = "fp32"
+    load_in_4bit: bool = False  # QLoRA: the base in 4-bit NF4 (bitsandbytes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +150,18 @@ def loss_curve(log_history: list[dict]) -> list[list[float]]:
     return [[h["step"], h["loss"]] for h in log_history if "loss" in h and "step" in h]
 
 
+def quantization(spec: ClmSpec) -> dict:
+    """``from_pretrained`` arguments of a 4-bit NF4 base (QLoRA), or none: compute in bf16 on a GPU that
+    supports it, else fp32 (bitsandbytes' CPU kernels and older GPUs)."""
+    if not spec.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=dtype), "dtype": dtype}
+
+
 @holding_output_dir
 def run_clm(spec: ClmSpec, paths) -> dict:
     """Train, evaluate before and after, save the adapter and results.json; returns the results."""
@@ -162,7 +175,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     mixed = precision_args(spec.precision)
     set_seed(spec.seed)
     with quiet_loading(not paths.verbose):
-        base = AutoModelForCausalLM.from_pretrained(spec.model)
+        base = AutoModelForCausalLM.from_pretrained(spec.model, **quantization(spec))
         model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
     main = prepare_output_dir(paths, replace, {"spec": spec.to_dict()})
 
@@ -193,6 +206,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         print(f"prilora train-clm: {spec.model} / {spec.method} / seed {spec.seed}; {len(train_blocks)} training blocks "
               f"of {spec.block_size} tokens, {len(eval_blocks)} evaluation blocks; lr {spec.learning_rate:g}, "
               f"{spec.epochs:g} epochs, batch {spec.batch_size}, {spec.precision}"
+              + ("; base in 4-bit NF4" if spec.load_in_4bit else "")
               + (f"; resuming from {resume_from}" if resume_from else ""), file=sys.stderr, flush=True)
     before = trainer.evaluate()["eval_loss"]
     output = train_stoppably(trainer, interrupt, resume_from)
@@ -217,7 +231,8 @@ def run_clm(spec: ClmSpec, paths) -> dict:
         "train_loss": output.training_loss, "loss_curve": loss_curve(trainer.state.log_history),
         "lora_params": counts["lora"], "ranks": list(model.prilora_ranks), "a_sparsity": pruner.sparsity()["A"],
         "pruning_history": pruner.history,
-        "steps": trainer.state.global_step, "precision": spec.precision, "world_size": launched_world_size(),
+        "steps": trainer.state.global_step, "precision": spec.precision, "load_in_4bit": spec.load_in_4bit,
+        "world_size": launched_world_size(),
         "gradient_accumulation": paths.gradient_accumulation, "micro_batch_size": micro, "compiled": paths.compile,
         "replicas_identical": True if replicas > 1 else None, "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "train_runtime_s": round(runtime, 2), "versions": versions(), "machine": machine(),
