@@ -95,7 +95,8 @@ def test_train_clm_load_in_4bit(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prilora.causal_lm import ClmSpec, quantization
+    from prilora.causal_lm import four_bit_kwargs
+    from prilora.cli import main
     from test_causal_lm import clm
 
     assert clm(tmp_path, tiny_llama_dir, "--load-in-4bit", "--max-steps", "6", out="q") == 0
@@ -104,14 +105,24 @@ def test_train_clm_load_in_4bit(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     assert q["load_in_4bit"] is True and full["load_in_4bit"] is False
     assert q["metrics"]["initial_eval_loss"] != pytest.approx(full["metrics"]["initial_eval_loss"], abs=1e-6)
     assert q["a_sparsity"] == 0.5 and q["ranks"] == [4, 7, 9, 12] and q["steps"] == 6
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, **quantization(ClmSpec(
-        model=str(tiny_llama_dir), train_file="", method="prilora", prilora={}, load_in_4bit=True)))
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "q")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, **four_bit_kwargs())
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "q").eval()
     assert len([m for m in reloaded.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 4 * 7
     saved = load_file(tmp_path / "q" / "adapter_model.safetensors")
     a = assert_rows_half_pruned(reloaded)
     assert [torch.equal(w, saved[k]) for k, w in zip(sorted(k for k in saved if "lora_A" in k), [
         m.weight for n, m in sorted(reloaded.named_modules()) if n.endswith("lora_A.default")])] == [True] * len(a)
+
+    # export merged: into the base as the run saw it (4-bit values, dequantized): a plain full-precision
+    # Transformers model with the adapted 4-bit model's logits.
+    capsys.readouterr()
+    assert main(["export", "merged", str(tmp_path / "q"), "--out", str(tmp_path / "merged")]) == 0
+    assert "(dequantized from 4-bit NF4, as it was trained)" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    ids = torch.randint(4, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=0, atol=1e-4)
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else real(name, *args))

@@ -150,11 +150,9 @@ def loss_curve(log_history: list[dict]) -> list[list[float]]:
     return [[h["step"], h["loss"]] for h in log_history if "loss" in h and "step" in h]
 
 
-def quantization(spec: ClmSpec) -> dict:
-    """``from_pretrained`` arguments of a 4-bit NF4 base (QLoRA), or none: compute in bf16 on a GPU that
-    supports it, else fp32 (bitsandbytes' CPU kernels and older GPUs)."""
-    if not spec.load_in_4bit:
-        return {}
+def four_bit_kwargs() -> dict:
+    """``from_pretrained`` arguments of a 4-bit NF4 base (QLoRA): compute in bf16 on a GPU that supports
+    it, else fp32 (bitsandbytes' CPU kernels and older GPUs)."""
     from transformers import BitsAndBytesConfig
 
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -175,7 +173,7 @@ def run_clm(spec: ClmSpec, paths) -> dict:
     mixed = precision_args(spec.precision)
     set_seed(spec.seed)
     with quiet_loading(not paths.verbose):
-        base = AutoModelForCausalLM.from_pretrained(spec.model, **quantization(spec))
+        base = AutoModelForCausalLM.from_pretrained(spec.model, **(four_bit_kwargs() if spec.load_in_4bit else {}))
         model, pruner = get_prilora_model(base, PriLoraConfig.from_dict(spec.prilora))
     main = prepare_output_dir(paths, replace, {"spec": spec.to_dict()})
 

@@ -93,7 +93,8 @@ def cmd_export(args) -> int:
         raise export.AdapterError(f"--base applies to export merged only, not export {args.kind}")
     if args.kind == "merged":
         info = export.to_merged(args.adapter, args.out, base=args.base)
-        print(f"merged {args.adapter} into {info['base']} -> {args.out} ({info['params']:,} parameters; "
+        base = info["base"] + (" (dequantized from 4-bit NF4, as it was trained)" if info["dequantized_4bit"] else "")
+        print(f"merged {args.adapter} into {base} -> {args.out} ({info['params']:,} parameters; "
               f"max |logit difference| to the unmerged model {info['max_abs_logit_diff']:.2g})")
     elif args.kind == "sparse":
         info = export.to_sparse(args.adapter, args.out)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .manifest import MANIFEST_FILE, write_manifest
 from .manifest import damage as manifest_damage
-from .run_folder import missing_local_folder, read_json, unwritable
+from .run_folder import RUN_FILE, missing_local_folder, read_json, unwritable
 
 ADAPTER_CONFIG = "adapter_config.json"
 DENSE_WEIGHTS = "adapter_model.safetensors"
@@ -176,12 +176,36 @@ def to_dense(adapter: str, out: str) -> dict:
 HEAD_SUFFIXES = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 
 
-def load_base_for(config: dict, tensors: dict[str, torch.Tensor], base: str):
-    """The base model class the adapter was trained on (from its task type), with the same head size."""
+def trained_in_4bit(adapter: str) -> bool:
+    """Whether ``prilora train-clm --load-in-4bit`` trained this adapter: its run's ``run.json``, in the
+    adapter's folder (a finished run) or the one above it (a checkpoint)."""
+    for folder in (adapter, os.path.dirname(os.path.abspath(adapter))):
+        path = os.path.join(folder, RUN_FILE)
+        if os.path.isfile(path):
+            try:
+                return bool(read_json(path).get("spec", {}).get("load_in_4bit", False))
+            except (OSError, ValueError, AttributeError):
+                return False
+    return False
+
+
+def load_base_for(config: dict, tensors: dict[str, torch.Tensor], base: str, dequantized_4bit: bool = False):
+    """The base model class the adapter was trained on (from its task type), with the same head size.
+    ``dequantized_4bit``: the base as a 4-bit NF4 run saw it (loaded in 4-bit, then dequantized), so that an
+    adapter trained on it is merged into the weights it was trained with, not the full-precision ones."""
     import transformers as tf
 
     task_type = config.get("task_type")
     kwargs = {}
+    if dequantized_4bit:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise AdapterError("this adapter was trained on a 4-bit base, which needs bitsandbytes to rebuild: "
+                               'pip install "prilora[qlora]"')
+        from .causal_lm import four_bit_kwargs
+
+        kwargs.update(four_bit_kwargs())
     if task_type == "SEQ_CLS":
         cls = tf.AutoModelForSequenceClassification
         heads = [t for k, t in tensors.items() if k.endswith(HEAD_SUFFIXES)]
@@ -198,13 +222,14 @@ def load_base_for(config: dict, tensors: dict[str, torch.Tensor], base: str):
     if missing_local_folder(base):
         raise AdapterError(f"base model folder {base} not found: pass --base with the model the adapter was trained on")
     try:
-        return cls.from_pretrained(base, **kwargs)
+        model = cls.from_pretrained(base, **kwargs)
+        return model.dequantize() if dequantized_4bit else model
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdapterError(f"cannot load base model {base!r} ({reason}): pass --base with a local model folder") from None
 
 
-def load_peft_model(adapter: str, base: str | None = None):
+def load_peft_model(adapter: str, base: str | None = None, dequantized_4bit: bool = False):
     """PeftModel of ``adapter`` (dense or sparse) on ``base`` (default: the adapter's base_model_name_or_path),
     refusing an adapter whose weights do not all fit the base model."""
     from peft import PeftModel
@@ -214,7 +239,7 @@ def load_peft_model(adapter: str, base: str | None = None):
     base = base or config.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{adapter}'s {ADAPTER_CONFIG} names no base model: pass --base")
-    model = load_base_for(config, tensors, base)
+    model = load_base_for(config, tensors, base, dequantized_4bit)
     with tempfile.TemporaryDirectory() as tmp:
         folder = adapter
         if sparse:
@@ -250,9 +275,11 @@ def probe_inputs(model, batch: int = 2, length: int = 16, seed: int = 0) -> dict
 
 def to_merged(adapter: str, out: str, base: str | None = None) -> dict:
     """Merge the adapter into its base model (``merge_and_unload``) and save a plain Transformers folder.
-    Checks that the merged model's logits equal the adapted model's on a probe batch."""
+    Checks that the merged model's logits equal the adapted model's on a probe batch. An adapter trained on a
+    4-bit base is merged into that base dequantized (full-precision tensors holding the 4-bit values)."""
     check_new_folder(out)
-    peft_model, base = load_peft_model(adapter, base)
+    four_bit = trained_in_4bit(adapter)
+    peft_model, base = load_peft_model(adapter, base, dequantized_4bit=four_bit)
     probe = probe_inputs(peft_model.base_model.model)
     with torch.no_grad():
         before = peft_model(**probe).logits
@@ -271,4 +298,5 @@ def to_merged(adapter: str, out: str, base: str | None = None) -> dict:
 
                 AutoTokenizer.from_pretrained(source).save_pretrained(folder)
                 break
-    return {"base": base, "max_abs_logit_diff": diff, "params": sum(p.numel() for p in merged.parameters())}
+    return {"base": base, "max_abs_logit_diff": diff, "params": sum(p.numel() for p in merged.parameters()),
+            "dequantized_4bit": four_bit}
