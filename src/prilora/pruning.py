@@ -60,8 +60,12 @@ class PruneSite:
         """The rows of the pruned matrix that this process holds, as a plain tensor that writes through to
         the parameter: all of them, or under FSDP2 this process's shard (each row whole, so a per-row
         ranking needs nothing from other processes). Call under ``torch.no_grad()``."""
-        w = self.weight
-        return w.to_local() if is_dtensor(w) else w
+        return local_part(self.weight)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP2's shard), or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -396,30 +400,26 @@ class PriLoraPruner:
     def sparsity(self) -> dict:
         """Fraction of exact zeros in A and B: overall, per layer and per module. Under FSDP2 each process
         counts its shards and the counts are summed over processes (so every process must call it)."""
-        def local(w):
-            return w.to_local() if is_dtensor(w) else w
-
-        counts = []  # per site: zeros and elements of A, then of B
-        for site in self.sites:
-            for w in (local(site.lora_A), local(site.lora_B)):
-                counts += [(w == 0).sum(), torch.tensor(w.numel(), device=w.device)]
-        counts = torch.stack([c.to(counts[0].device, torch.float64) for c in counts])
-        if world_size() > 1 and any(is_dtensor(s.lora_A) or is_dtensor(s.lora_B) for s in self.sites):
+        matrices = [(site.lora_A, site.lora_B) for site in self.sites]
+        zeros = [(local_part(w) == 0).sum() for pair in matrices for w in pair]
+        zeros = torch.stack([z.to(zeros[0].device) for z in zeros])
+        if world_size() > 1 and any(is_dtensor(w) for pair in matrices for w in pair):
             import torch.distributed as dist
 
-            dist.all_reduce(counts)
-        counts = counts.view(len(self.sites), 2, 2).tolist()  # one read from the device
+            dist.all_reduce(zeros)
+        zeros = zeros.view(len(self.sites), 2).tolist()  # one read from the device
         totals = {"A": [0, 0], "B": [0, 0]}
         per_layer: dict[int, dict[str, list[int]]] = {}
         per_module: dict[str, dict[str, float]] = {}
-        for site, site_counts in zip(self.sites, counts):
+        for site, pair, site_zeros in zip(self.sites, matrices, zeros):
             layer = per_layer.setdefault(site.layer, {"A": [0, 0], "B": [0, 0]})
             per_module[site.name] = {}
-            for key, (zeros, numel) in zip(("A", "B"), site_counts):
-                per_module[site.name][key] = zeros / numel
+            for key, w, n in zip(("A", "B"), pair, site_zeros):
+                numel = w.numel()  # a DTensor's is the whole matrix's
+                per_module[site.name][key] = n / numel
                 for bucket in (totals[key], layer[key]):
-                    bucket[0] += int(zeros)
-                    bucket[1] += int(numel)
+                    bucket[0] += n
+                    bucket[1] += numel
         frac = lambda b: b[0] / b[1]  # noqa: E731
         return {
             "A": frac(totals["A"]),
